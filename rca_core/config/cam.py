@@ -1,0 +1,73 @@
+"""CAM stage configuration: network, RCA parts, training, memory-bank construction, CAM inference, CAM evaluation.
+
+Defaults follow ../shared/docs/method.md sections 1-4 (VOC values); configs/demo.yaml scales them down.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import StrictModel
+
+
+class BackboneConfig(StrictModel):
+    name: Literal["resnet50", "resnet101", "small"] = Field("resnet50", description="feature extractor")
+    output_stride: Literal[8, 16, 32] = Field(16, description="total stride of the feature map")
+    pretrained: str | None = Field(None, description="local path of ImageNet weights (no download)")
+    width: int = Field(32, ge=8, description="first-stage width of the 'small' backbone")
+
+
+class MemoryBankConfig(StrictModel):
+    enabled: bool = Field(True, description="regional memory bank + semantic contrast")
+    size: int = Field(500, ge=1, description="entries per class")
+    dim: int = Field(512, ge=8, description="projected embedding size")
+    score_threshold: float = Field(0.7, ge=0, le=1, description="write only GT classes with sigmoid score above this")
+
+
+class ContrastConfig(StrictModel):
+    enabled: bool = Field(True, description="semantic contrast loss (needs the memory bank)")
+    temperature: float = Field(0.07, gt=0)
+    weight: float = Field(0.01, ge=0)
+    warmup_epochs: float = Field(2, ge=0, description="epochs before the contrast loss is switched on")
+    mixup: bool = Field(False, description="official code's embedding mixup, lambda ~ Beta(8, 8)")
+
+
+class AggregationConfig(StrictModel):
+    enabled: bool = Field(True, description="semantic aggregation over per-class prototypes")
+    prototypes_per_class: int = Field(10, ge=1, description="K of the per-class k-means")
+    softmax: bool = Field(True, description="softmax attention (paper) or none (official code)")
+    refresh_every_epochs: int = Field(1, ge=1, description="k-means refresh of training prototypes")
+
+
+class CamTrainConfig(StrictModel):
+    epochs: float = Field(5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    crop_size: int = Field(512, ge=16)
+    resize_long: tuple[int, int] = Field((320, 640), description="random long-side resize range")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="base lr (new layers get lr_mult_new x)")
+    lr_mult_new: float = Field(10.0, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    aux_weight: float = Field(0.0, ge=0, description="auxiliary coarse branch weight (official code: 0.4)")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
+
+
+class CamConfig(StrictModel):
+    backbone: BackboneConfig = BackboneConfig()
+    memory: MemoryBankConfig = MemoryBankConfig()
+    contrast: ContrastConfig = ContrastConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    train: CamTrainConfig = CamTrainConfig()
+
+
+class CamInferConfig(StrictModel):
+    scales: list[float] = Field([1.0, 0.5, 1.5, 2.0], min_length=1)
+    flip: bool = True
+    low_res_stride: int | None = Field(4, description="also store a CAM at 1/stride for the random walk")
+
+
+class CamEvalConfig(StrictModel):
+    thresholds: list[float] = Field([round(0.05 * i, 2) for i in range(1, 20)], min_length=1,
+                                    description="background thresholds swept")

@@ -1,0 +1,68 @@
+"""The run configuration: every section together, plus store, compute and orchestration settings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from .base import (ConfigError, StrictModel, canonical_json, deep_update, fingerprint,
+                   format_validation_error, read_yaml)
+from .cam import CamConfig, CamEvalConfig, CamInferConfig
+from .data import DataConfig
+from .refine import RefineConfig
+from .segmenter import SegmenterConfig
+
+
+class ComputeConfig(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    threads: int | None = Field(None, ge=1, description="torch threads per process (None = torch default)")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="Ray cluster address; None = start a local Ray")
+    num_workers: int = Field(2, ge=1, description="workers for per-image stages and Ray Train")
+    shard_size: int = Field(32, ge=1, description="images per Ray task/actor call")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = auto: 1 if GPUs exist)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunConfig(StrictModel):
+    name: str = Field("demo", description="run name")
+    seed: int = 0
+    store: str = Field("runs/demo/store", description="artifact store: local dir or fsspec URL")
+    data: DataConfig = DataConfig()
+    cam: CamConfig = CamConfig()
+    cam_infer: CamInferConfig = CamInferConfig()
+    cam_eval: CamEvalConfig = CamEvalConfig()
+    refine: RefineConfig = RefineConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ray: RayConfig = RayConfig()
+
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+    def resolved_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Load a YAML config; `overrides` (nested dict) is applied on top. Errors name the file and key."""
+    data = read_yaml(path)
+    if overrides:
+        data = deep_update(data, overrides)
+    cfg = config_from_dict(data, str(path))
+    # relative paths in a config file are relative to the current directory (documented in README)
+    return cfg
+
+
+__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "canonical_json"]
