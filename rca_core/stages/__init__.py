@@ -1,0 +1,187 @@
+"""The stage registry: which stages exist, what they depend on, how their store keys are derived,
+and a plain local runner (`run_stage`) that the Prefect/Ray layer mirrors.
+
+A stage's fingerprint = hash(stage name, stage CODE_VERSION, the config sections that shape its
+outputs, the data set identity, the seed, the fingerprints of its inputs). So changing one stage's
+config changes its key and the keys of every stage after it, and nothing before it.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rca_core.config import RunConfig, fingerprint
+from rca_core.store import ArtifactStore, StageOutput
+
+from .context import StageContext
+
+# name -> (module, input stage names, config sections that shape its outputs, split attribute of cfg.data)
+_REGISTRY: dict[str, tuple[str, tuple[str, ...], Callable[[RunConfig], Any], str]] = {
+    "cam_train": ("rca_core.stages.cam_train", (), lambda c: {"cam": c.cam}, "train_split"),
+    "memory_build": ("rca_core.stages.memory_build", ("cam_train",), lambda c: {"agg": c.cam.aggregation}, "train_split"),
+    "cam_infer": ("rca_core.stages.cam_infer", ("cam_train", "memory_build"), lambda c: {"infer": c.cam_infer}, "train_split"),
+    "cam_eval": ("rca_core.stages.cam_eval", ("cam_infer",), lambda c: {"eval": c.cam_eval}, "eval_split"),
+    "crf_labels": ("rca_core.stages.crf_labels", ("cam_infer",), lambda c: {"crf": c.refine.crf}, "train_split"),
+    "affinity_train": ("rca_core.stages.affinity_train", ("crf_labels",), lambda c: {"aff": c.refine.affinity}, "train_split"),
+    "random_walk": ("rca_core.stages.random_walk", ("cam_infer", "affinity_train"),
+                    lambda c: {"rw": c.refine.random_walk, "sal": c.refine.saliency}, "train_split"),
+    "seg_train": ("rca_core.stages.seg_train", ("random_walk",), lambda c: {"seg": c.segmenter.model_dump(
+        exclude={"eval_scales", "eval_flip", "eval_crf"})}, "train_split"),
+    "seg_eval": ("rca_core.stages.seg_eval", ("seg_train",), lambda c: {"seg_eval": c.segmenter.model_dump(
+        include={"eval_scales", "eval_flip", "eval_crf"})}, "val_split"),
+}
+STAGES: list[str] = list(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    fingerprint: str
+    inputs: dict[str, str]   # upstream name -> its fingerprint
+    split: str
+    module: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.fingerprint}"
+
+
+def stage_module(name: str):
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    return importlib.import_module(_REGISTRY[name][0])
+
+
+def stage_inputs(name: str, cfg: RunConfig | None = None) -> tuple[str, ...]:
+    inputs = _REGISTRY[name][1]
+    if name == "seg_train" and cfg is not None and cfg.segmenter.labels == "gt":
+        return ()  # the fully supervised upper bound needs no pseudo-masks
+    return inputs
+
+
+def is_per_image(name: str) -> bool:
+    return hasattr(stage_module(name), "Worker")
+
+
+def data_identity(cfg: RunConfig) -> dict:
+    d = cfg.data.model_dump(mode="json")
+    if cfg.data.kind != "demo":
+        d.pop("demo")
+    return d
+
+
+def plan(cfg: RunConfig) -> dict[str, StagePlan]:
+    """Fingerprints of every stage, in dependency order."""
+    out: dict[str, StagePlan] = {}
+    for name in STAGES:
+        modname, _, section, split_attr = _REGISTRY[name]
+        inputs = {i: out[i].fingerprint for i in stage_inputs(name, cfg)}
+        code = getattr(_maybe_module(modname), "CODE_VERSION", "0")
+        fp = fingerprint(name, code, section(cfg), data_identity(cfg), cfg.seed, inputs)
+        out[name] = StagePlan(name, fp, inputs, getattr(cfg.data, split_attr), modname)
+    return out
+
+
+def _maybe_module(modname: str):
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name == modname:
+            return None  # stage not written yet: plan still works for the others
+        raise
+
+
+def upstream_closure(name: str, cfg: RunConfig) -> list[str]:
+    """`name` and everything it needs, in run order."""
+    need: list[str] = []
+
+    def visit(n: str):
+        for i in stage_inputs(n, cfg):
+            visit(i)
+        if n not in need:
+            need.append(n)
+
+    visit(name)
+    return need
+
+
+def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> StageContext:
+    from rca_core.data import make_dataset
+    from rca_core.device import pick_device
+
+    plans = plans or plan(cfg)
+    p = plans[name]
+    ds = make_dataset(cfg.data, p.split)
+    return StageContext(
+        out=store.stage(name, p.fingerprint),
+        inputs={i: store.stage(i, fp) for i, fp in p.inputs.items()},
+        ids=list(ds.ids), dataset=ds, device=pick_device(cfg.compute.device), progress=progress,
+        extra={"split": p.split, "stage_key": p.key},
+    )
+
+
+def run_stage(name: str, cfg: RunConfig, store: ArtifactStore | str | None = None, *,
+              with_upstream: bool = True, show_progress: bool = True) -> dict:
+    """Run one stage (and, by default, any unfinished upstream stage) in this process. Returns its summary."""
+    store = store if isinstance(store, ArtifactStore) else ArtifactStore(store or cfg.store)
+    plans = plan(cfg)
+    order = upstream_closure(name, cfg) if with_upstream else [name]
+    summary: dict = {}
+    for n in order:
+        out = store.stage(n, plans[n].fingerprint)
+        if out.is_complete():
+            summary = out.summary()
+            continue
+        for i in stage_inputs(n, cfg):
+            if not store.stage(i, plans[i].fingerprint).is_complete():
+                raise RuntimeError(f"stage {n} needs {i}, which is not complete in {store.url}")
+        summary = _run_one(n, cfg, store, plans, show_progress)
+    return summary
+
+
+def _run_one(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan], show_progress: bool) -> dict:
+    import torch
+
+    if cfg.compute.threads:
+        torch.set_num_threads(cfg.compute.threads)
+    mod = stage_module(name)
+    ctx = make_context(name, cfg, store, plans)
+    t0 = time.time()
+    if hasattr(mod, "Worker"):
+        ctx.out.prepare(getattr(mod, "FIELDS", ()))
+        todo = ctx.out.pending(ctx.ids, verify=True)
+        worker = mod.Worker(cfg, ctx)
+        rows = process_images(worker, todo, show_progress=show_progress, desc=name)
+        ctx.out.write_manifest(rows)
+        summary = dict(mod.finalize(cfg, ctx) or {})
+        summary.setdefault("images", len(ctx.ids))
+        summary.setdefault("recomputed_images", len(todo))
+    else:
+        ctx.out.prepare(())
+        summary = dict(mod.train(cfg, ctx) or {})
+    summary.setdefault("seconds", time.time() - t0)
+    ctx.out.mark_complete(summary)
+    return summary
+
+
+def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
+                   on_done: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Run worker.process over ids; returns manifest rows (image_id, seconds, status + stage stats)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    it = tqdm(ids, desc=desc, disable=not show_progress, leave=False)
+    for k, image_id in enumerate(it):
+        t = time.perf_counter()
+        stats = worker.process(image_id) or {}
+        rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t, **stats})
+        if on_done:
+            on_done(k + 1, len(ids))
+    return rows
+
+
+__all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
+           "stage_inputs", "is_per_image", "upstream_closure", "process_images"]

@@ -1,0 +1,361 @@
+"""The artifact store: a Zarr v3 hierarchy holding every stage's outputs, plus Parquet tables.
+
+Layout (under the store root, a local directory or any fsspec URL):
+
+    {stage}/{fingerprint}/zarr.json                 group; attrs: fields, created
+    {stage}/{fingerprint}/{field}/{image_id}        one array per image and field, one chunk
+    {stage}/{fingerprint}/_arrays/{name}            whole arrays (prototypes, embedding tables)
+    {stage}/{fingerprint}/manifest/part-*.parquet   per-image manifest rows
+    {stage}/{fingerprint}/files/...                 plain files (checkpoints, PNG exports)
+    {stage}/{fingerprint}/_complete.json            written last by the driver: the stage is done
+
+Who writes what (Zarr's concurrency contract): the driver calls `prepare` (group metadata),
+`put_array`, `write_manifest`, `mark_complete`; a worker only creates and writes the arrays of the
+images it owns (`write`). Local writes of Zarr go through a temporary file and a rename, so a killed
+writer never leaves half a chunk; an image counts as done only once each of its arrays carries a
+checksum marker in its attrs, written after the data. `read` verifies that checksum, so a damaged
+entry raises DamagedEntryError instead of being silently used, and `pending(verify=True)` sends it
+back for recomputation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+MARKER = "rca_crc32"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),)
+
+
+class StoreError(RuntimeError):
+    """A problem with the artifact store (bad key, missing stage, write failure)."""
+
+
+class DamagedEntryError(StoreError):
+    """A stored per-image entry is missing its marker, unreadable, or fails its checksum."""
+
+    def __init__(self, stage_key: str, image_id: str, field: str, why: str):
+        self.stage_key, self.image_id, self.field = stage_key, image_id, field
+        super().__init__(f"damaged entry {stage_key}/{field}/{image_id}: {why}")
+
+
+def check_image_id(image_id: str) -> str:
+    """Image ids become store keys: refuse anything that could escape its folder."""
+    if not isinstance(image_id, str) or not _ID_RE.match(image_id) or ".." in image_id:
+        raise StoreError(f"invalid image id {image_id!r}: only letters, digits, '_', '-', '.' are allowed (no '/', no '..')")
+    return image_id
+
+
+def checksum(arr: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class _Loc:
+    fs: Any
+    root: str  # path inside fs
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+
+class ArtifactStore:
+    """Entry point: `ArtifactStore(url).stage(name, fingerprint)` -> StageOutput."""
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = str(url)
+        fs, root = fsspec.core.url_to_fs(self.url)
+        self.is_local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if self.is_local:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            self.zstore = zarr.storage.LocalStore(root)
+        else:
+            self.zstore = zarr.storage.FsspecStore.from_url(self.url)
+        self.loc = _Loc(fs, root)
+        try:
+            self.root = zarr.open_group(self.zstore, mode="a")
+        except Exception as e:  # e.g. a file where the store directory should be
+            raise StoreError(f"cannot open artifact store at {self.url}: {e}") from e
+
+    def stage(self, name: str, fingerprint: str) -> "StageOutput":
+        if not re.match(r"^[a-z0-9_]+$", name) or not re.match(r"^[A-Za-z0-9_\-]+$", fingerprint):
+            raise StoreError(f"invalid stage key {name}/{fingerprint}")
+        return StageOutput(self, f"{name}/{fingerprint}")
+
+    def stages(self) -> list[str]:
+        out = []
+        for name, grp in self.root.groups():
+            for fp, _ in grp.groups():
+                out.append(f"{name}/{fp}")
+        return sorted(out)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+
+class StageOutput:
+    """One stage's outputs in the store (see the module docstring for who may call what)."""
+
+    def __init__(self, store: ArtifactStore, key: str):
+        self.store, self.key = store, key
+        self._group = None
+
+    # ---------------------------------------------------------------- driver side
+    def prepare(self, fields: Iterable[str] = ()) -> "StageOutput":
+        """Create the stage group and one subgroup per per-image field. Driver only, before workers."""
+        fields = list(fields)
+        grp = zarr.open_group(self.store.zstore, path=self.key, mode="a")
+        known = list(grp.attrs.get("fields", []))
+        for f in fields:
+            if not re.match(r"^[a-z0-9_]+$", f):
+                raise StoreError(f"invalid field name {f!r}")
+            zarr.open_group(self.store.zstore, path=f"{self.key}/{f}", mode="a")
+        new = sorted(set(known) | set(fields))
+        if new != known or "created" not in grp.attrs:
+            grp.attrs.update({"fields": new, "created": grp.attrs.get("created", time.time())})
+        self._group = grp
+        return self
+
+    @property
+    def fields(self) -> list[str]:
+        try:
+            grp = zarr.open_group(self.store.zstore, path=self.key, mode="r")
+        except Exception:
+            return []
+        return list(grp.attrs.get("fields", []))
+
+    def exists(self) -> bool:
+        return bool(self.fields) or self.is_complete()
+
+    def put_array(self, name: str, arr: np.ndarray, attrs: dict | None = None) -> None:
+        """A whole array (prototypes, embedding tables). Driver only."""
+        arr = np.asarray(arr)
+        z = zarr.create_array(self.store.zstore, name=f"{self.key}/_arrays/{name}", shape=arr.shape,
+                              dtype=arr.dtype, chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
+                              overwrite=True, attributes=dict(attrs or {}))
+        if arr.size:
+            z[...] = arr
+        z.attrs.update({MARKER: checksum(arr)})
+
+    def get_array(self, name: str) -> tuple[np.ndarray, dict]:
+        return self._read_checked(f"_arrays/{name}", "_arrays", name)
+
+    def has_array(self, name: str) -> bool:
+        try:
+            z = zarr.open_array(self.store.zstore, path=f"{self.key}/_arrays/{name}", mode="r")
+            return MARKER in z.attrs
+        except Exception:
+            return False
+
+    # ---------------------------------------------------------------- worker side
+    def write(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+        """Write all fields of one image; the image counts as done only after the last marker."""
+        check_image_id(image_id)
+        for field, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            path = f"{self.key}/{field}/{image_id}"
+            try:
+                z = zarr.create_array(self.store.zstore, name=path, shape=arr.shape, dtype=arr.dtype,
+                                      chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
+                                      overwrite=True, attributes=dict(attrs or {}))
+                if arr.size:
+                    z[...] = arr
+                z.attrs.update({MARKER: checksum(arr)})  # last: marks this field of the image done
+            except OSError as e:
+                raise StoreError(f"writing {self.store.url}/{path} failed: {e}") from e
+
+    # ---------------------------------------------------------------- readers
+    def read(self, image_id: str, field: str) -> tuple[np.ndarray, dict]:
+        check_image_id(image_id)
+        return self._read_checked(f"{field}/{image_id}", field, image_id)
+
+    def _read_checked(self, rel: str, field: str, name: str) -> tuple[np.ndarray, dict]:
+        try:
+            z = zarr.open_array(self.store.zstore, path=f"{self.key}/{rel}", mode="r")
+            attrs = dict(z.attrs)
+        except Exception as e:
+            raise DamagedEntryError(self.key, name, field, f"missing or unreadable metadata ({type(e).__name__})") from e
+        if MARKER not in attrs:
+            raise DamagedEntryError(self.key, name, field, "write was not finished (no checksum marker)")
+        try:
+            arr = z[...]
+        except Exception as e:
+            raise DamagedEntryError(self.key, name, field, f"unreadable data ({type(e).__name__}: {e})") from e
+        if checksum(arr) != attrs[MARKER]:
+            raise DamagedEntryError(self.key, name, field, "checksum mismatch")
+        attrs.pop(MARKER)
+        return arr, attrs
+
+    def is_done(self, image_id: str, verify: bool = False) -> bool:
+        for field in self.fields:
+            if verify:
+                try:
+                    self.read(image_id, field)
+                except DamagedEntryError:
+                    return False
+            else:
+                try:
+                    z = zarr.open_array(self.store.zstore, path=f"{self.key}/{field}/{image_id}", mode="r")
+                    if MARKER not in z.attrs:
+                        return False
+                except Exception:
+                    return False
+        return bool(self.fields)
+
+    def pending(self, image_ids: Iterable[str], verify: bool = False) -> list[str]:
+        """Ids not done yet (or damaged, with verify=True), in the given order."""
+        return [i for i in image_ids if not self.is_done(i, verify=verify)]
+
+    def done_ids(self, field: str | None = None) -> list[str]:
+        fields = [field] if field else self.fields
+        sets = []
+        for f in fields:
+            try:
+                grp = zarr.open_group(self.store.zstore, path=f"{self.key}/{f}", mode="r")
+                sets.append({name for name in grp.array_keys()})
+            except Exception:
+                return []
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def invalidate(self, image_id: str) -> None:
+        """Remove one image's entries (driver only), e.g. after a damaged read downstream."""
+        check_image_id(image_id)
+        for field in self.fields:
+            rel = self.store.loc.join(self.key, field, image_id)
+            if self.store.loc.fs.exists(rel):
+                self.store.loc.fs.rm(rel, recursive=True)
+
+    # ---------------------------------------------------------------- tables and files
+    def write_manifest(self, rows: list[dict], part: str | None = None) -> str | None:
+        """Append manifest rows as one Parquet part (driver only)."""
+        if not rows:
+            return None
+        part = part or f"{int(time.time() * 1e6):x}-{uuid.uuid4().hex[:6]}"
+        path = self.store.loc.join(self.key, "manifest", f"part-{part}.parquet")
+        self._write_table_atomic(pa.Table.from_pylist(_jsonable_rows(rows)), path)
+        return path
+
+    def manifest(self) -> pa.Table:
+        """All manifest rows; the newest row wins when an image was recomputed."""
+        fs = self.store.loc.fs
+        d = self.store.loc.join(self.key, "manifest")
+        if not fs.exists(d):
+            return pa.table({"image_id": pa.array([], pa.string())})
+        parts = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".parquet"))
+        tables = [pq.read_table(p, filesystem=fs) for p in parts]
+        rows: dict[str, dict] = {}
+        for t in tables:
+            for r in t.to_pylist():
+                rows[r.get("image_id")] = r
+        return pa.Table.from_pylist(list(rows.values())) if rows else tables[0].slice(0, 0)
+
+    def write_table(self, name: str, rows: list[dict] | pa.Table) -> str:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(_jsonable_rows(rows))
+        path = self.store.loc.join(self.key, "tables", f"{name}.parquet")
+        self._write_table_atomic(table, path)
+        return path
+
+    def read_table(self, name: str) -> pa.Table:
+        path = self.store.loc.join(self.key, "tables", f"{name}.parquet")
+        if not self.store.loc.fs.exists(path):
+            raise StoreError(f"no table {name!r} in {self.store.url}/{self.key}")
+        return pq.read_table(path, filesystem=self.store.loc.fs)
+
+    def _write_table_atomic(self, table: pa.Table, path: str) -> None:
+        fs = self.store.loc.fs
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, path)
+
+    def path_for(self, name: str) -> str:
+        """A local file path under this stage's files/ folder (checkpoints, exports)."""
+        if not self.store.is_local:
+            raise StoreError(f"path_for needs a local store; {self.store.url} is remote: use open_file")
+        p = Path(self.store.loc.join(self.key, "files", name))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return str(p)
+
+    def open_file(self, name: str, mode: str = "rb"):
+        path = self.store.loc.join(self.key, "files", name)
+        if "w" in mode:
+            self.store.loc.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return self.store.loc.fs.open(path, mode)
+
+    def has_file(self, name: str) -> bool:
+        return self.store.loc.fs.exists(self.store.loc.join(self.key, "files", name))
+
+    # ---------------------------------------------------------------- stage completion
+    def mark_complete(self, summary: dict) -> None:
+        fs = self.store.loc.fs
+        path = self.store.loc.join(self.key, "_complete.json")
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+        with fs.open(tmp, "w") as f:
+            json.dump({"completed_at": time.time(), **summary}, f, indent=1, default=_json_default)
+        fs.mv(tmp, path)
+
+    def is_complete(self) -> bool:
+        return self.store.loc.fs.exists(self.store.loc.join(self.key, "_complete.json"))
+
+    def summary(self) -> dict:
+        path = self.store.loc.join(self.key, "_complete.json")
+        if not self.store.loc.fs.exists(path):
+            raise StoreError(f"stage {self.key} is not complete in {self.store.url}")
+        with self.store.loc.fs.open(path, "r") as f:
+            return json.load(f)
+
+    def clear_complete(self) -> None:
+        path = self.store.loc.join(self.key, "_complete.json")
+        if self.store.loc.fs.exists(path):
+            self.store.loc.fs.rm(path)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.store.url.rstrip('/')}/{self.key}"
+
+    def __repr__(self) -> str:
+        return f"StageOutput({self.uri!r})"
+
+
+def _whole_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(1, s) for s in shape) if shape else ()
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _jsonable_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            if isinstance(v, np.generic):
+                v = v.item()
+            elif isinstance(v, np.ndarray):
+                v = v.tolist()
+            elif isinstance(v, tuple):
+                v = list(v)
+            d[k] = v
+        out.append(d)
+    return out
