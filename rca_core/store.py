@@ -2,7 +2,7 @@
 
 Layout (under the store root, a local directory or any fsspec URL):
 
-    {stage}/{fingerprint}/zarr.json                 group; attrs: fields, created
+    {stage}/{fingerprint}/zarr.json                 group; attrs: fields
     {stage}/{fingerprint}/{field}/{image_id}        one array per image and field, one chunk
     {stage}/{fingerprint}/_arrays/{name}            whole arrays (prototypes, embedding tables)
     {stage}/{fingerprint}/manifest/part-*.parquet   per-image manifest rows
@@ -125,8 +125,8 @@ class StageOutput:
                 raise StoreError(f"invalid field name {f!r}")
             zarr.open_group(self.store.zstore, path=f"{self.key}/{f}", mode="a")
         new = sorted(set(known) | set(fields))
-        if new != known or "created" not in grp.attrs:
-            grp.attrs.update({"fields": new, "created": grp.attrs.get("created", time.time())})
+        if new != known:
+            grp.attrs.update({"fields": new})
         self._group = grp
         return self
 
@@ -175,8 +175,8 @@ class StageOutput:
                 if arr.size:
                     z[...] = arr
                 z.attrs.update({MARKER: checksum(arr)})  # last: marks this field of the image done
-            except OSError as e:
-                raise StoreError(f"writing {self.store.url}/{path} failed: {e}") from e
+            except Exception as e:  # disk full, permissions, a file in the way, ...
+                raise StoreError(f"writing {self.store.url}/{path} failed: {type(e).__name__}: {e}") from e
 
     # ---------------------------------------------------------------- readers
     def read(self, image_id: str, field: str) -> tuple[np.ndarray, dict]:
