@@ -14,8 +14,13 @@ stamp="$venv/.rca-installed"
 want="$(cat "$here/requirements.txt" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing requirements (first time takes a few minutes)" >&2
-  "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel >&2
-  "$venv/bin/pip" install --quiet -r "$here/requirements.txt" >&2
-  "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here" >&2
+  # (pip's "Location ... is ignored" lines come from this machine's extra local indexes: noise)
+  set +e
+  { "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel &&
+    "$venv/bin/pip" install --quiet -r "$here/requirements.txt" &&
+    "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here"; } 2>&1 | grep -v "is ignored: it is neither" >&2
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" -eq 0 ] || { echo "[setup] pip install failed (exit $rc)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

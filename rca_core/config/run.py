@@ -61,8 +61,23 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if overrides:
         data = deep_update(data, overrides)
     cfg = config_from_dict(data, str(path))
-    # relative paths in a config file are relative to the current directory (documented in README)
+    check_paths(cfg, str(path))
     return cfg
 
 
-__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "canonical_json"]
+def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
+    """Paths that must exist before a run starts (relative paths are relative to the working directory)."""
+    problems = []
+    if cfg.data.kind != "demo" and not Path(cfg.data.root).is_dir():
+        problems.append(f"  data.root: directory not found: {cfg.data.root}")
+    for key, value in [("data.labels_file", cfg.data.labels_file), ("data.saliency_dir", cfg.data.saliency_dir),
+                       ("cam.backbone.pretrained", cfg.cam.backbone.pretrained),
+                       ("refine.affinity.backbone.pretrained", cfg.refine.affinity.backbone.pretrained),
+                       ("segmenter.pretrained", cfg.segmenter.pretrained)]:
+        if value and not Path(value).exists():
+            problems.append(f"  {key}: path not found: {value}")
+    if problems:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
+
+
+__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "check_paths", "canonical_json"]
