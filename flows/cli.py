@@ -103,6 +103,79 @@ def stage(name: str = typer.Argument(..., help="stage name (see `rca config show
     typer.echo(json.dumps(_short(summary), indent=1, default=str))
 
 
+@app.command("run")
+def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        stages: Optional[List[str]] = typer.Option(None, "--stage", help="only these stages (+ upstream)"),
+        prefect_home: Path = typer.Option(Path("runs/prefect"), help="PREFECT_HOME of the local server"),
+        report: bool = typer.Option(True, help="write the HTML run report at the end")):
+    """Run the whole pipeline as a Prefect flow over Ray. Without PREFECT_API_URL a local Prefect
+    server (SQLite, 127.0.0.1) is started for the run and stopped afterwards."""
+    import os
+
+    cfg = _load(config, set_)
+    if os.environ.get("PREFECT_API_URL"):
+        res = _run_pipeline(cfg, stages)
+    else:
+        from flows.prefect_server import local_prefect_server
+
+        typer.echo(f"[rca] starting a local Prefect server (PREFECT_HOME={prefect_home}) ...")
+        with local_prefect_server(prefect_home) as api:
+            typer.echo(f"[rca] Prefect API {api} (UI at {api[:-4]})")
+            res = _run_pipeline(cfg, stages)
+    _print_table(res, cfg)
+    if report:
+        try:
+            from rca_core.report import write_report
+        except ImportError:
+            typer.echo("[rca] report module not available yet; skipped")
+        else:
+            path = write_report(cfg.store, out_dir=Path(cfg.store).parent / "report", config=cfg)
+            typer.echo(f"[rca] report: {path}")
+
+
+@app.command("serve")
+def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          name: str = typer.Option("demo", help="deployment name (flows are rca-pipeline, rca-stage-*)"),
+          limit: int = typer.Option(1, help="flow runs at a time")):
+    """Serve the pipeline and stage flows as deployments against PREFECT_API_URL (start runs from the UI)."""
+    import os
+
+    cfg = _load(config, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.secho("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) "
+                    "and export PREFECT_API_URL=http://127.0.0.1:4200/api", fg="red", err=True)
+        raise typer.Exit(2)
+    from flows.serve import serve as do_serve
+
+    typer.echo(f"[rca] serving deployments rca-pipeline/{name} and rca-stage-*/{name} on {os.environ['PREFECT_API_URL']}")
+    do_serve(cfg, name=name, limit=limit)
+
+
+def _run_pipeline(cfg, stages):
+    from flows.pipeline import pipeline
+
+    return pipeline(config=cfg, stages=stages or None)
+
+
+def _print_table(res: dict, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = res["table"]
+    cols = ["stage", "status", "seconds"] + [k for k in ("miou", "miou_all", "miou_confident", "kept_fraction",
+                                                         "best_threshold", "map", "val_miou")
+                                             if any(k in r for r in rows)]
+    t = Table(title=f"run {cfg.name}: {res['seconds']:.0f} s wall time")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("stage", "status") else "right")
+    for r in rows:
+        t.add_row(*[("" if r.get(c) is None else str(r.get(c))) for c in cols])
+    Console().print(t)
+    typer.echo(f"[rca] outputs: artifact store {cfg.store}")
+    for name, key in res["keys"].items():
+        typer.echo(f"[rca]   {name:15s} {cfg.store}/{key}")
+
+
 def _short(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("best",)}
 

@@ -61,8 +61,16 @@ def stage_inputs(name: str, cfg: RunConfig | None = None) -> tuple[str, ...]:
     return inputs
 
 
-def is_per_image(name: str) -> bool:
-    return hasattr(stage_module(name), "Worker")
+def stage_kind(name: str) -> str:
+    """'per_image' (Worker + finalize), 'training' (train) or 'driver' (run)."""
+    mod = stage_module(name)
+    if hasattr(mod, "Worker"):
+        return "per_image"
+    if hasattr(mod, "train"):
+        return "training"
+    if hasattr(mod, "run"):
+        return "driver"
+    raise TypeError(f"stage module {mod.__name__} defines none of Worker, train, run")
 
 
 def data_identity(cfg: RunConfig) -> dict:
@@ -159,9 +167,12 @@ def _run_one(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, S
         summary = dict(mod.finalize(cfg, ctx) or {})
         summary.setdefault("images", len(ctx.ids))
         summary.setdefault("recomputed_images", len(todo))
-    else:
+    elif hasattr(mod, "train"):
         ctx.out.prepare(())
         summary = dict(mod.train(cfg, ctx) or {})
+    else:
+        ctx.out.prepare(())
+        summary = dict(mod.run(cfg, ctx) or {})
     summary.setdefault("seconds", time.time() - t0)
     ctx.out.mark_complete(summary)
     return summary
@@ -184,4 +195,4 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
-           "stage_inputs", "is_per_image", "upstream_closure", "process_images"]
+           "stage_inputs", "stage_kind", "upstream_closure", "process_images"]

@@ -1,0 +1,89 @@
+"""Start and stop a local Prefect server on 127.0.0.1 (SQLite in its own PREFECT_HOME).
+
+Used by the main job when no PREFECT_API_URL is set, by `rca serve --start-server`, and by tests.
+Prefect calls happen only in the flow (driver) process; Ray workers never talk to Prefect, so one
+server serves a whole run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(home: Path, port: int) -> dict[str, str]:
+    url = f"http://127.0.0.1:{port}/api"
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_UI_API_URL": url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+
+
+def wait_healthy(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"Prefect server exited with code {proc.returncode} before it became healthy")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.5)
+    raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s ({last})")
+
+
+@contextlib.contextmanager
+def local_prefect_server(home: str | Path, port: int | None = None, log_file: str | Path | None = None,
+                         set_env: bool = True):
+    """Run `prefect server start` on 127.0.0.1 for the duration of the block; yields the API URL."""
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    env = {**os.environ, **server_env(home, port)}
+    log = open(log_file or home / "server.log", "ab")
+    prefect_bin = str(Path(sys.executable).with_name("prefect"))
+    proc = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    old = {k: os.environ.get(k) for k in server_env(home, port)}
+    try:
+        wait_healthy(env["PREFECT_API_URL"], proc=proc)
+        if set_env:
+            os.environ.update(server_env(home, port))
+        yield env["PREFECT_API_URL"]
+    finally:
+        if set_env:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()

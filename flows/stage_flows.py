@@ -1,0 +1,47 @@
+"""One Prefect flow per stage. Each runs its stage's cached task over Ray; the pipeline chains them."""
+from __future__ import annotations
+
+from prefect import flow
+
+from rca_core.config import RunConfig, check_paths
+from rca_core.stages import STAGES, plan, upstream_closure
+from rca_core.store import ArtifactStore
+from tasks.ray_runtime import ray_session
+from tasks.stage_task import cache_key, result_storage_for, run_stage_task
+
+
+def run_stage_in_flow(name: str, cfg: RunConfig) -> dict:
+    """Submit the stage task with the right cache options; returns its pointer + whether it was cached."""
+    out = ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint)
+    opts = dict(task_run_name=name, refresh_cache=not out.is_complete())
+    storage = result_storage_for(cfg)
+    if storage is not None:
+        opts["result_storage"] = storage
+    state = run_stage_task.with_options(**opts)(name, cfg, cache_key(name, cfg), return_state=True)
+    result = state.result()
+    return {**result, "cached": state.name == "Cached", "state": state.name}
+
+
+def _make_stage_flow(name: str):
+    @flow(name=f"rca-stage-{name.replace('_', '-')}", log_prints=True,
+          description=f"Run the {name} stage (and nothing else) for a run config; cached by fingerprint.")
+    def stage_flow(config: RunConfig) -> dict:
+        check_paths(config, "flow parameter 'config'")
+        with ray_session(config.ray):
+            return run_stage_in_flow(name, config)
+
+    stage_flow.__name__ = f"{name}_flow"
+    return stage_flow
+
+
+STAGE_FLOWS = {name: _make_stage_flow(name) for name in STAGES}
+
+
+def run_stage_flow(name: str, cfg: RunConfig, with_upstream: bool = True) -> dict:
+    """CLI helper for `rca stage NAME`: the stage flow, or the pipeline restricted to NAME and its upstream."""
+    if with_upstream:
+        from flows.pipeline import pipeline
+
+        res = pipeline(config=cfg, stages=upstream_closure(name, cfg))
+        return res["stages"][name]
+    return STAGE_FLOWS[name](config=cfg)

@@ -1,0 +1,48 @@
+"""Connecting to Ray: a local instance by default, or the cluster at cfg.ray.address."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from rca_core.config import RayConfig
+
+# Set for every Ray process we start (no network here; no token auth on loopback).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def gpus_available() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def gpus_per_worker(rc: RayConfig) -> float:
+    """Configured GPUs per worker; 0 = auto: one per worker when the cluster has GPUs."""
+    if rc.gpus_per_worker > 0:
+        return rc.gpus_per_worker
+    return 1.0 if gpus_available() > 0 else 0.0
+
+
+@contextlib.contextmanager
+def ray_session(rc: RayConfig, num_cpus: int | None = None):
+    """ray.init for the block unless Ray is already initialised (then reuse it and leave it running)."""
+    import ray
+
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        if rc.address:
+            ray.init(address=rc.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": RAY_ENV},
+                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = rc.address or "a local Ray instance"
+        raise RuntimeError(f"cannot connect to Ray at {where} (ray.address): {e}") from e
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

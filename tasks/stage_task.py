@@ -1,0 +1,65 @@
+"""The Prefect task that runs one stage: cached by the stage's fingerprint, dispatched to Ray.
+
+Cache key = stage name + stage fingerprint (its config sections, its inputs' fingerprints, its
+CODE_VERSION) + library version + store location. A run whose stage is complete in the store finds
+the cached result (state Cached). If the store lost the stage, the flow passes refresh_cache=True
+and the task recomputes; inside the task, finished images are skipped (per-image resume).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+import rca_core
+from rca_core.config import RunConfig
+from rca_core.stages import plan, run_stage, stage_inputs, stage_kind
+from rca_core.store import ArtifactStore
+
+from .progress import StageProgress
+
+
+def cache_key(name: str, cfg: RunConfig) -> str:
+    fp = plan(cfg)[name].fingerprint
+    where = hashlib.sha256(str(Path(cfg.store).resolve() if "://" not in cfg.store else cfg.store).encode()).hexdigest()[:8]
+    return f"rca-{name}-{fp}-v{rca_core.__version__}-{where}"
+
+
+def _key_fn(context: TaskRunContext, parameters: dict) -> str:
+    return parameters["key"]
+
+
+def result_storage_for(cfg: RunConfig) -> Path | None:
+    return Path(cfg.store).resolve() / "_prefect_results" if "://" not in cfg.store else None
+
+
+def scalars(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+@task(name="run-stage", cache_key_fn=_key_fn, persist_result=True, log_prints=True)
+def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
+    """Run one stage (over Ray) unless the store already has it; returns a small pointer + metrics."""
+    from tasks.per_image import run_per_image_stage
+    from tasks.training import run_training_stage
+
+    cfg = config
+    store = ArtifactStore(cfg.store)
+    plans = plan(cfg)
+    out = store.stage(name, plans[name].fingerprint)
+    if not out.is_complete():
+        for i in stage_inputs(name, cfg):
+            if not store.stage(i, plans[i].fingerprint).is_complete():
+                raise RuntimeError(f"stage {name} needs stage {i}, which is not complete in {cfg.store}")
+        progress = StageProgress(name)
+        kind = stage_kind(name)
+        if kind == "per_image":
+            run_per_image_stage(name, cfg, cfg.store, on_progress=progress)
+        elif kind == "training":
+            run_training_stage(name, cfg, cfg.store, on_progress=progress)
+        else:
+            run_stage(name, cfg, store, with_upstream=False, show_progress=False)
+        progress.close()
+    return {"stage": name, "key": out.key, "store": cfg.store, "summary": scalars(out.summary())}
