@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/venv.sh
 source scripts/env.sh
+mkdir -p runs/prefect
 export PREFECT_HOME="$PWD/runs/prefect" PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_UI_API_URL=http://127.0.0.1:4200/api
 .venv/bin/prefect server start --host 127.0.0.1 --port 4200 > runs/prefect-server.log 2>&1 &
 server=$!
