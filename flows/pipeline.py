@@ -9,7 +9,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from rca_core.config import RunConfig, check_paths
-from rca_core.stages import STAGES, plan, upstream_closure
+from rca_core.stages import STAGES, plan, record_run, upstream_closure
+from rca_core.store import ArtifactStore
 from tasks.ray_runtime import ray_session
 
 from .stage_flows import STAGE_FLOWS
@@ -47,6 +48,7 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
     order = [s for s in STAGES if any(s in upstream_closure(w, cfg) for w in wanted)]
     t_all = time.time()
     counts = prepare_data(cfg)
+    record_run(cfg, ArtifactStore(cfg.store))
     print(f"data: {counts}; store: {cfg.store}; stages: {', '.join(order)}")
     results, rows = {}, []
     with ray_session(cfg.ray):

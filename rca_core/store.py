@@ -96,9 +96,22 @@ class ArtifactStore:
             raise StoreError(f"invalid stage key {name}/{fingerprint}")
         return StageOutput(self, f"{name}/{fingerprint}")
 
+    def record_run(self, config_yaml: str, config_fingerprint: str, stage_keys: dict[str, str]) -> str:
+        """Save a run's fully resolved config and its fingerprint (+ each stage's key) under _runs/."""
+        fs = self.loc.fs
+        d = self.loc.join("_runs", config_fingerprint)
+        fs.makedirs(d, exist_ok=True)
+        with fs.open(f"{d}/config.yaml", "w") as f:
+            f.write(f"# fingerprint: {config_fingerprint}\n{config_yaml}")
+        with fs.open(f"{d}/run.json", "w") as f:
+            json.dump({"fingerprint": config_fingerprint, "stages": stage_keys, "recorded_at": time.time()}, f, indent=1)
+        return d
+
     def stages(self) -> list[str]:
         out = []
         for name, grp in self.root.groups():
+            if name.startswith("_"):
+                continue
             for fp, _ in grp.groups():
                 out.append(f"{name}/{fp}")
         return sorted(out)

@@ -131,11 +131,17 @@ def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[st
     )
 
 
+def record_run(cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan] | None = None) -> str:
+    plans = plans or plan(cfg)
+    return store.record_run(cfg.resolved_yaml(), cfg.fingerprint(), {n: p.key for n, p in plans.items()})
+
+
 def run_stage(name: str, cfg: RunConfig, store: ArtifactStore | str | None = None, *,
               with_upstream: bool = True, show_progress: bool = True) -> dict:
     """Run one stage (and, by default, any unfinished upstream stage) in this process. Returns its summary."""
     store = store if isinstance(store, ArtifactStore) else ArtifactStore(store or cfg.store)
     plans = plan(cfg)
+    record_run(cfg, store, plans)
     order = upstream_closure(name, cfg) if with_upstream else [name]
     summary: dict = {}
     for n in order:
@@ -195,4 +201,4 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
-           "stage_inputs", "stage_kind", "upstream_closure", "process_images"]
+           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images"]
