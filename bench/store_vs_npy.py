@@ -1,0 +1,110 @@
+"""Artifact store vs one .npy file per image (IRN's layout) for the same CAMs: write/read time, size.
+
+Goals (issue 7): no slower than 1.2x, at least 3x smaller on disk. CAMs are realistic: smooth maps
+in [0,1] with most of the area near zero (as normalised CAMs are), float16 in the store; IRN saves
+float32 .npy (high-res CAMs as float32 in a dict per image), so that is the baseline.
+Also measures the padded single-array layout (one (N, Cmax, Hmax, Wmax) array, one chunk per image)
+that NOTES.md found faster for masks, to justify the layout choice.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, goal, report  # noqa: E402
+
+from rca_core.store import COMPRESSORS, ArtifactStore  # noqa: E402
+
+
+def make_cams(n: int, seed: int = 0, voc_like: bool = True):
+    rng = np.random.default_rng(seed)
+    cams = []
+    for i in range(n):
+        h, w = (int(rng.integers(300, 501)), int(rng.integers(300, 501))) if voc_like else (96, 96)
+        c = int(rng.integers(1, 4))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        maps = []
+        for _ in range(c):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            s = rng.uniform(0.1, 0.3) * max(h, w)
+            m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+            m += 0.02 * rng.standard_normal((h, w)).astype(np.float32)
+            m = np.clip(m, 0, None)
+            maps.append(m / m.max())
+        cams.append(np.stack(maps).astype(np.float32))
+    return cams
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    cams = make_cams(args.images)
+    ids = [f"img_{i:05d}" for i in range(len(cams))]
+    raw_mib = sum(c.nbytes for c in cams) / 2**20
+    tmp = Path(tempfile.mkdtemp(prefix="store_vs_npy_"))
+    rows = []
+    try:
+        # IRN layout: one .npy per image (float32, {"keys", "high_res"} dict in IRN; plain array here)
+        d = tmp / "npy"; d.mkdir()
+        with Timer() as tw:
+            for i, c in zip(ids, cams):
+                np.save(d / f"{i}.npy", c)
+        with Timer() as tr:
+            back = [np.load(d / f"{i}.npy") for i in ids]
+        rows.append({"layout": "npy per image (float32)", "write_s": tw.seconds, "read_s": tr.seconds, "disk_mib": du(d) / 2**20})
+        # the artifact store: one Zarr array per image, float16, Blosc zstd + bitshuffle, checksum marker
+        store = ArtifactStore(tmp / "zarr").stage("cam_infer", "bench").prepare(["cam"])
+        with Timer() as tw:
+            for i, c in zip(ids, cams):
+                store.write(i, {"cam": c.astype(np.float16)}, attrs={"classes": [1]})
+        with Timer() as tr:
+            back16 = [store.read(i, "cam")[0] for i in ids]
+        err = max(float(np.abs(a.astype(np.float32) - b).max()) for a, b in zip(back16, cams))
+        rows.append({"layout": "zarr array per image (float16, verified)", "write_s": tw.seconds, "read_s": tr.seconds,
+                     "disk_mib": du(tmp / "zarr") / 2**20, "max_abs_error": err})
+        # padded single array, one chunk per image (no per-image metadata, no checksum)
+        import zarr
+        cmax = max(c.shape[0] for c in cams); hmax = max(c.shape[1] for c in cams); wmax = max(c.shape[2] for c in cams)
+        z = zarr.create_array(str(tmp / "padded"), shape=(len(cams), cmax, hmax, wmax), dtype=np.float16,
+                              chunks=(1, cmax, hmax, wmax), compressors=COMPRESSORS, fill_value=0)
+        with Timer() as tw:
+            for k, c in enumerate(cams):
+                buf = np.zeros((cmax, hmax, wmax), np.float16)
+                buf[: c.shape[0], : c.shape[1], : c.shape[2]] = c
+                z[k] = buf
+        with Timer() as tr:
+            _ = [z[k][: c.shape[0], : c.shape[1], : c.shape[2]] for k, c in enumerate(cams)]
+        rows.append({"layout": "zarr padded (N,Cmax,Hmax,Wmax) float16", "write_s": tw.seconds, "read_s": tr.seconds,
+                     "disk_mib": du(tmp / "padded") / 2**20})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    npy, zs = rows[0], rows[1]
+    total_ratio = (zs["write_s"] + zs["read_s"]) / (npy["write_s"] + npy["read_s"])
+    size_ratio = npy["disk_mib"] / zs["disk_mib"]
+    result = {
+        "images": len(cams), "raw_float32_mib": raw_mib, "rows": rows,
+        "time_ratio_store_over_npy": total_ratio, "size_ratio_npy_over_store": size_ratio,
+        "speed_goal": goal("store write+read time <= 1.2x npy", round(total_ratio, 3), total_ratio <= 1.2),
+        "size_goal": goal("store at least 3x smaller than npy", round(size_ratio, 2), size_ratio >= 3.0),
+    }
+    report("Artifact store vs .npy per image (CAMs)", rows, result, args.json, append=not args.no_append,
+           notes=f"{len(cams)} VOC-sized CAMs (300-500 px, 1-3 classes), {raw_mib:.0f} MiB as float32. "
+                 f"Time ratio (write+read) store/npy = {total_ratio:.2f}; size ratio npy/store = {size_ratio:.1f}.")
+
+
+if __name__ == "__main__":
+    main()
