@@ -1,0 +1,229 @@
+"""Shared helpers of the training stages (cam_train, affinity_train, seg_train).
+
+- seeding: `seed_everything(seed)`, `rng_state()` / `set_rng_state(state)` (tensors and lists only,
+  so a checkpoint loads with `torch.load(weights_only=True)`);
+- checkpoints: `save_checkpoint(path, model, optimizer, epoch, step, extra)` (atomic: tmp + os.replace,
+  rank 0 only) and `load_checkpoint(path, model, optimizer)` -> dict(epoch, step, extra) or None;
+- learning rate: `poly_lr(base_lr, step, max_steps, power)` and `set_poly_lr(optimizer, step, max_steps)`
+  (each param group keeps its own `base_lr`, so new layers at 10x keep their ratio);
+- distributed: `is_dist`, `rank`, `world_size`, `is_main`, `wrap_ddp`, `unwrap`, `make_sampler`,
+  `all_reduce_mean`, `barrier` (all of them work without torch.distributed);
+- `progress(iterable, ...)`: tqdm, shown on rank 0 only;
+- `multilabel_map(scores, targets)`: mean average precision over classes with at least one positive.
+"""
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------- seeding / rng
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors/lists (weights_only-loadable)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def torch_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# ----------------------------------------------------------------------------- distributed
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP (or DataParallel) wrapper."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP-wrap when torch.distributed is initialised, else return the model unchanged."""
+    if not is_dist():
+        return model
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index if device.index is not None
+                                                                      else torch.cuda.current_device()],
+                                                   find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+
+
+def make_sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    """A DistributedSampler when distributed, else None (let the DataLoader shuffle with its generator)."""
+    if not is_dist():
+        return None
+    return torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
+    """Mean of a scalar over ranks (the value itself when not distributed)."""
+    if not is_dist():
+        return float(value)
+    t = torch.as_tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world_size()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over ranks along dim 0 (sizes may differ). Itself when not distributed."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(int(s) for s in sizes))
+    pad = torch.zeros((m - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    buf = [torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+    dist.all_gather(buf, torch.cat([t, pad]))
+    return torch.cat([b[: int(s)] for b, s in zip(buf, sizes)])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    epoch: int, step: int, extra: dict | None = None, *, with_rng: bool = True) -> None:
+    """Atomic checkpoint (tmp file, then os.replace). Only rank 0 writes; others return at once.
+
+    `epoch` is the number of finished epochs; `extra` must hold tensors / numbers / strings / lists / dicts.
+    """
+    if not is_main():
+        return
+    obj: dict[str, Any] = {"model": unwrap(model).state_dict(), "epoch": int(epoch), "step": int(step),
+                           "extra": extra or {}}
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    if with_rng:
+        obj["rng"] = rng_state()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True,
+                    map_location: str | torch.device = "cpu") -> dict | None:
+    """Restore what `save_checkpoint` wrote; None when there is no checkpoint at `path`.
+
+    Returns {"epoch", "step", "extra", "model"(state dict)}. A file that cannot be read raises
+    RuntimeError naming it (a half-written checkpoint cannot exist: writes are atomic).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                           "delete it to start this stage afresh") from e
+    if model is not None:
+        unwrap(model).load_state_dict(obj["model"])
+    if optimizer is not None and "optimizer" in obj:
+        optimizer.load_state_dict(obj["optimizer"])
+    if restore_rng and "rng" in obj:
+        set_rng_state(obj["rng"])
+    return {"epoch": int(obj["epoch"]), "step": int(obj["step"]), "extra": obj.get("extra", {}), "model": obj["model"]}
+
+
+# ----------------------------------------------------------------------------- learning rate
+def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
+    frac = min(max(step, 0), max_steps) / max(1, max_steps)
+    return base_lr * (1.0 - frac) ** power
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, power: float = 0.9) -> float:
+    """Set each group's lr to poly(group['base_lr']); records base_lr on first use. Returns group 0's lr."""
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+        g["lr"] = poly_lr(g["base_lr"], step, max_steps, power)
+    return optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- progress
+def progress(iterable: Iterable, desc: str = "", total: int | None = None, leave: bool = False,
+             disable: bool | None = None, **kw):
+    """tqdm progress bar (rank 0 only; disabled when RCA_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = (not is_main()) or os.environ.get("RCA_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True, **kw)
+
+
+# ----------------------------------------------------------------------------- metrics
+def multilabel_map(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> float:
+    """Mean over classes (with at least one positive) of the average precision (sklearn's definition)."""
+    from sklearn.metrics import average_precision_score
+
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    t = np.asarray(targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets) > 0.5
+    if s.shape != t.shape or s.ndim != 2:
+        raise ValueError(f"scores {s.shape} and targets {t.shape} must both be (N, classes)")
+    aps = [average_precision_score(t[:, j], s[:, j]) for j in range(s.shape[1]) if t[:, j].any()]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+__all__ = ["seed_everything", "rng_state", "set_rng_state", "torch_generator", "is_dist", "rank", "world_size",
+           "is_main", "barrier", "unwrap", "wrap_ddp", "make_sampler", "all_reduce_mean", "all_gather_cat",
+           "save_checkpoint", "load_checkpoint", "poly_lr", "set_poly_lr", "progress", "multilabel_map"]
