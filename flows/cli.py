@@ -114,6 +114,7 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     cfg = _load(config, set_)
     if os.environ.get("PREFECT_API_URL"):
+        _require_prefect(os.environ["PREFECT_API_URL"])
         res = _run_pipeline(cfg, stages)
     else:
         from flows.prefect_server import local_prefect_server
@@ -141,7 +142,9 @@ def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     import os
 
     cfg = _load(config, set_)
-    if not os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL"):
+        _require_prefect(os.environ["PREFECT_API_URL"])
+    else:
         typer.secho("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) "
                     "and export PREFECT_API_URL=http://127.0.0.1:4200/api", fg="red", err=True)
         raise typer.Exit(2)
@@ -149,6 +152,17 @@ def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     typer.echo(f"[rca] serving deployments rca-pipeline/{name} and rca-stage-*/{name} on {os.environ['PREFECT_API_URL']}")
     do_serve(cfg, name=name, limit=limit)
+
+
+def _require_prefect(api: str) -> None:
+    from flows.prefect_server import wait_healthy
+
+    try:
+        wait_healthy(api, timeout=10)
+    except RuntimeError as e:
+        typer.secho(f"Prefect server unreachable (PREFECT_API_URL={api}): {e}. Start it, or unset "
+                    "PREFECT_API_URL to let `rca run` start a local one.", fg="red", err=True)
+        raise typer.Exit(2)
 
 
 def _run_pipeline(cfg, stages):

@@ -23,6 +23,23 @@ def gpus_per_worker(rc: RayConfig) -> float:
     return 1.0 if gpus_available() > 0 else 0.0
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear message: ray.init on a dead address otherwise retries for minutes."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"ray.address {address!r} is not of the form host:port or ray://host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address} (ray.address): {e}") from e
+
+
 @contextlib.contextmanager
 def ray_session(rc: RayConfig, num_cpus: int | None = None):
     """ray.init for the block unless Ray is already initialised (then reuse it and leave it running)."""
@@ -33,6 +50,8 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
     if ray.is_initialized():
         yield ray
         return
+    if rc.address:
+        check_reachable(rc.address)
     try:
         if rc.address:
             ray.init(address=rc.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
