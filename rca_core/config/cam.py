@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import StrictModel
 
@@ -38,6 +38,7 @@ class AggregationConfig(StrictModel):
     prototypes_per_class: int = Field(10, ge=1, description="K of the per-class k-means")
     softmax: bool = Field(True, description="softmax attention (paper) or none (official code)")
     refresh_every_epochs: int = Field(1, ge=1, description="k-means refresh of training prototypes")
+    kmeans_iters: int = Field(20, ge=1, description="Lloyd iterations of each per-class k-means")
 
 
 class CamTrainConfig(StrictModel):
@@ -49,7 +50,9 @@ class CamTrainConfig(StrictModel):
     lr: float = Field(0.1, gt=0, description="base lr (new layers get lr_mult_new x)")
     lr_mult_new: float = Field(10.0, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    aux_weight: float = Field(0.0, ge=0, description="auxiliary coarse branch weight (official code: 0.4)")
+    aux_weight: float = Field(0.4, ge=0, description=(
+        "weight of the plain (coarse) CAM branch trained beside the aggregated branch (official code: 0.4); "
+        "it gives the region masks and must be > 0 when aggregation is on; unused when aggregation is off"))
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
 
@@ -60,6 +63,20 @@ class CamConfig(StrictModel):
     contrast: ContrastConfig = ContrastConfig()
     aggregation: AggregationConfig = AggregationConfig()
     train: CamTrainConfig = CamTrainConfig()
+
+    @model_validator(mode="after")
+    def _parts(self):
+        if self.contrast.enabled and not self.memory.enabled:
+            raise ValueError("cam.contrast.enabled needs cam.memory.enabled (the contrast is against the memory)")
+        if self.aggregation.enabled and not self.memory.enabled:
+            raise ValueError("cam.aggregation.enabled needs cam.memory.enabled (prototypes are k-means of the memory)")
+        if self.aggregation.enabled and self.train.aux_weight <= 0:
+            raise ValueError("cam.aggregation.enabled needs cam.train.aux_weight > 0 (the plain branch gives the region masks)")
+        return self
+
+    @property
+    def rca_enabled(self) -> bool:
+        return self.memory.enabled or self.contrast.enabled or self.aggregation.enabled
 
 
 class CamInferConfig(StrictModel):

@@ -1,0 +1,119 @@
+"""The CAM network with the RCA parts (method.md sections 1-4).
+
+    features x = backbone(image)                                   (B, C, h, w)
+    plain branch:       cam_plain = conv1x1(x)  (bias-free)         (B, n_fg, h, w); logits = GAP
+    projection head:    emb = g(x)                                  (B, D, h, w)   [memory on]
+    aggregated branch:  x_agg = fuse([x ; attend(x, prototypes)]);  cam = conv1x1(x_agg)  [aggregation on]
+
+The CAM used downstream (`out["cam"]`, `cam_maps`) is the aggregated branch's when aggregation is on,
+the plain branch's otherwise. The plain branch also gives the region masks of the memory/contrast
+(as the official code's coarse branch does). With every RCA part off this is a plain CAM network.
+
+The memory queues and the current prototypes are buffers: they are saved with the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rca_core.config.cam import CamConfig
+from rca_core.kmeans import class_prototypes
+from rca_core.memory_bank import RegionMemory
+from rca_core.models.aggregation import SemanticAggregation
+from rca_core.models.backbones import build_backbone
+from rca_core.models.projection import ProjectionHead
+
+
+class CamNet(nn.Module):
+    def __init__(self, cfg: CamConfig, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must include background and at least one class, got {num_classes}")
+        self.cfg = cfg
+        self.num_fg = num_classes - 1
+        self.backbone = build_backbone(cfg.backbone)
+        c = self.backbone.out_channels
+        self.classifier = nn.Conv2d(c, self.num_fg, 1, bias=False)
+        self.use_memory = cfg.memory.enabled
+        self.use_contrast = cfg.contrast.enabled
+        self.use_aggregation = cfg.aggregation.enabled
+        if self.use_memory:
+            d = cfg.memory.dim
+            self.projection = ProjectionHead(c, d)
+            self.memory = RegionMemory(self.num_fg, cfg.memory.size, d, cfg.memory.score_threshold)
+        if self.use_aggregation:
+            k = cfg.aggregation.prototypes_per_class
+            self.aggregation = SemanticAggregation(c, cfg.memory.dim, cfg.aggregation.softmax)
+            self.agg_classifier = nn.Conv2d(c, self.num_fg, 1, bias=False)
+            self.register_buffer("prototypes", torch.zeros(self.num_fg * k, cfg.memory.dim))
+            self.register_buffer("prototype_valid", torch.zeros(self.num_fg * k, dtype=torch.bool))
+        for m in [self.classifier] + ([self.agg_classifier] if self.use_aggregation else []):
+            nn.init.xavier_uniform_(m.weight)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, with_embeddings: bool = False) -> dict[str, torch.Tensor]:
+        feat = self.backbone(x)
+        cam_plain = self.classifier(feat)
+        out = {"feat": feat, "cam_plain": cam_plain, "logits_plain": cam_plain.mean(dim=(2, 3))}
+        if self.use_aggregation:
+            x_agg = self.aggregation(feat, self.prototypes, self.prototype_valid)
+            cam = self.agg_classifier(x_agg)
+        else:
+            cam = cam_plain
+        out["cam"] = cam
+        out["logits"] = cam.mean(dim=(2, 3))
+        if with_embeddings and self.use_memory:
+            out["emb"] = self.projection(feat)
+        return out
+
+    @torch.no_grad()
+    def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU CAMs of the downstream branch (B, n_fg, h, w) - what CAM inference uses."""
+        return F.relu(self.forward(x)["cam"])
+
+    # ------------------------------------------------------------------ prototypes
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor, valid: torch.Tensor) -> None:
+        """prototypes (n_fg, K, D) and valid (n_fg, K) - from training memory or the memory-build stage."""
+        if not self.use_aggregation:
+            raise RuntimeError("set_prototypes: aggregation is off in this model")
+        k = self.cfg.aggregation.prototypes_per_class
+        expect = (self.num_fg, k, self.cfg.memory.dim)
+        if tuple(prototypes.shape) != expect or tuple(valid.shape) != expect[:2]:
+            raise ValueError(f"prototypes must be {expect} with valid {expect[:2]}, got "
+                             f"{tuple(prototypes.shape)} and {tuple(valid.shape)}")
+        self.prototypes.copy_(prototypes.reshape(-1, expect[2]))
+        self.prototype_valid.copy_(valid.reshape(-1))
+
+    @torch.no_grad()
+    def refresh_prototypes(self, seed: int = 0) -> int:
+        """Per-class k-means of the filled memory slots -> prototypes. Returns the number of valid prototypes."""
+        emb, labels = self.memory.entries()
+        protos, valid = class_prototypes(emb, labels, self.num_fg, self.cfg.aggregation.prototypes_per_class,
+                                         self.cfg.aggregation.kmeans_iters, seed)
+        self.set_prototypes(protos, valid)
+        return int(valid.sum())
+
+    # ------------------------------------------------------------------ optimiser groups
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, new-layer parameters): new layers get lr x lr_mult_new."""
+        bb = list(self.backbone.parameters())
+        ids = {id(p) for p in bb}
+        return bb, [p for p in self.parameters() if id(p) not in ids]
+
+
+def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.device | str = "cpu") -> CamNet:
+    """A trained CamNet from a state-dict file written by the cam_train stage (weights_only load)."""
+    import copy
+
+    bb = cfg.backbone.model_copy(update={"pretrained": None})  # weights come from the file
+    cfg = copy.deepcopy(cfg)
+    cfg.backbone = bb
+    net = CamNet(cfg, num_classes)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"trained CAM model not found: {path} (run the cam_train stage first)") from None
+    net.load_state_dict(sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd)
+    return net.to(device).eval()
