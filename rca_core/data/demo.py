@@ -248,7 +248,7 @@ def image_id(split: str, index: int) -> str:
 def _encode(cfg: DemoConfig, split: str, index: int) -> tuple[str, bytes, np.ndarray]:
     img, mask = render(cfg, split, index)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return image_id(split, index), buf.getvalue(), mask
 
 
