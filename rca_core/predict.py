@@ -80,7 +80,10 @@ class Predictor:
 
     def _to_tensor(self, images) -> torch.Tensor:
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images if images.ndim == 4 else images[None])
+            images = images if images.ndim == 4 else images[None]
+            if not images.flags.writeable:
+                images = images.copy()
+            images = torch.from_numpy(images)
         x = images.to(self.device)
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255.0)   # (B, H, W, 3) uint8 -> (B, 3, H, W) float
