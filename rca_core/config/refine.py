@@ -23,8 +23,9 @@ class CrfConfig(StrictModel):
 class AffinityConfig(StrictModel):
     radius: int = Field(5, ge=2, description="pair radius on the feature grid")
     feature_stride: int = Field(4, ge=1, description="stride of the affinity feature grid (IRN: 4); the random walk runs on it")
-    level_dims: list[int] = Field([64, 128, 256], min_length=1, max_length=4,
-                                  description="1x1-conv widths for the last len(level_dims) backbone stages (PSA: 64/128/256)")
+    level_dims: list[int] | None = Field(None, min_length=1, max_length=4,
+                                         description="1x1-conv widths for the last len(level_dims) backbone stages; "
+                                                     "None = PSA's 64/128/256 capped at a quarter of each stage's width")
     backbone: BackboneConfig = BackboneConfig()
     epochs: float = Field(3, gt=0)
     batch_size: int = Field(8, ge=1)

@@ -1,0 +1,139 @@
+"""Stage affinity_train: train AffinityNet on the affinity labels of the confident CRF label maps (PSA recipe).
+
+Per training crop: random rescale (refine.affinity.scale_range), horizontal flip, random crop of
+crop_size (image padded with the mean, labels with 255); the label crop is sampled to the affinity grid
+(stride feature_stride, nearest, as IRN) and turned into bg_pos / fg_pos / neg pair labels within the
+radius; PSA's balanced loss. SGD (or AdamW) with poly lr, backbone at lr, new layers at lr * lr_mult_new.
+Checkpoint every epoch to files/checkpoint.pt (atomic), resumed from there; final weights files/model.pt.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from rca_core import train_utils as tu
+from rca_core.affinity_labels import IGNORE, affinity_labels, downsample_labels
+from rca_core.config import RunConfig
+from rca_core.config.refine import AffinityConfig
+from rca_core.models.affinity_net import AffinityNet, affinity_loss, image_to_tensor
+from rca_core.stages.context import StageContext
+
+STAGE = "affinity_train"
+CODE_VERSION = "1"
+INPUTS = ("crf_labels",)
+
+
+class AffinityCrops(Dataset):
+    """(image tensor (3, S, S), grid label (S/stride, S/stride) long) training crops; seeded per (epoch, index)."""
+
+    def __init__(self, dataset, ids: list[str], labels_out, cfg: AffinityConfig, seed: int):
+        self.dataset, self.ids, self.labels, self.cfg, self.seed = dataset, list(ids), labels_out, cfg, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int):
+        image_id = self.ids[k]
+        rng = np.random.default_rng([self.seed, self.epoch, k])
+        image = self.dataset.image(image_id)
+        label, _ = self.labels.read(image_id, "crf_label")
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"crf_label of {image_id} is {label.shape}, image is {image.shape[:2]}")
+        lo, hi = self.cfg.scale_range
+        s = rng.uniform(lo, hi)
+        h, w = label.shape
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        if (nh, nw) != (h, w):
+            image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+        if rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        x = image_to_tensor(image)
+        y = torch.from_numpy(np.array(label, dtype=np.int64))
+        c = self.cfg.crop_size
+        ph, pw = max(c - nh, 0), max(c - nw, 0)
+        if ph or pw:  # pad: image with 0 (= the mean after normalisation), labels with 255
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+            y = torch.nn.functional.pad(y, (0, pw, 0, ph), value=IGNORE)
+        top = int(rng.integers(0, x.shape[1] - c + 1))
+        left = int(rng.integers(0, x.shape[2] - c + 1))
+        x = x[:, top:top + c, left:left + c]
+        y = y[top:top + c, left:left + c]
+        return x, downsample_labels(y, self.cfg.feature_stride)
+
+
+def build_optimizer(net: AffinityNet, cfg: AffinityConfig) -> torch.optim.Optimizer:
+    backbone, new = net.parameter_groups()
+    groups = [{"params": backbone, "lr": cfg.lr}, {"params": new, "lr": cfg.lr * cfg.lr_mult_new}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: RunConfig, ctx: StageContext) -> dict:
+    acfg = cfg.refine.affinity
+    device = ctx.device
+    tu.seed_everything(cfg.seed)
+    data = AffinityCrops(ctx.dataset, ctx.ids, ctx.inputs["crf_labels"], acfg, cfg.seed)
+    sampler = tu.make_sampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
+    batch = min(acfg.batch_size, max(1, len(data) // tu.world_size()))
+    net = AffinityNet(acfg).to(device)
+    opt = build_optimizer(net, acfg)
+    model = tu.wrap_ddp(net, device)
+    steps_per_epoch = max(1, len(data) // (batch * tu.world_size()))
+    max_steps = max(1, int(round(acfg.epochs * steps_per_epoch)))
+    n_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    ckpt_path = ctx.out.path_for("checkpoint.pt")
+    state = tu.load_checkpoint(ckpt_path, net, opt)
+    start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
+    history = list(state["extra"].get("history", [])) if state else []
+    elapsed = float(state["extra"].get("seconds", 0.0)) if state else 0.0
+    stopped_early = bool(state["extra"].get("stopped_early", False)) if state else False
+
+    for epoch in range(start_epoch, n_epochs):
+        if stopped_early or step >= max_steps:
+            break
+        data.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(data, batch_size=batch, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                            num_workers=acfg.num_workers, generator=tu.torch_generator(cfg.seed * 1000 + epoch))
+        model.train()
+        t0 = time.time()
+        sums = {"loss": 0.0, "bg_pos": 0.0, "fg_pos": 0.0, "neg": 0.0}
+        n = 0
+        for x, y in tu.progress(loader, desc=f"affinity_train epoch {epoch + 1}/{n_epochs}"):
+            if step >= max_steps:
+                break
+            tu.set_poly_lr(opt, step, max_steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            losses = affinity_loss(model(x), affinity_labels(y, acfg.radius))
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            n += 1
+            for k in sums:
+                sums[k] += float(losses[k].detach())
+            if acfg.max_seconds and elapsed + time.time() - t0 > acfg.max_seconds:
+                stopped_early = True
+                break
+        elapsed += time.time() - t0
+        history.append({"epoch": epoch + 1, "steps": n, **{k: tu.all_reduce_mean(v / max(n, 1), device)
+                                                           for k, v in sums.items()}})
+        tu.save_checkpoint(ckpt_path, net, opt, epoch + 1, step,
+                           extra={"history": history, "seconds": elapsed, "stopped_early": stopped_early})
+
+    if tu.is_main():
+        tu.save_checkpoint(ctx.out.path_for("model.pt"), net, None, len(history), step, with_rng=False)
+    tu.barrier()
+    return {"steps": step, "max_steps": max_steps, "epochs": len(history), "train_seconds": elapsed,
+            "stopped_early": stopped_early, "history": history,
+            "final_loss": history[-1]["loss"] if history else None}
