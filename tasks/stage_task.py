@@ -36,7 +36,9 @@ def result_storage_for(cfg: RunConfig) -> Path | None:
 
 
 def scalars(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    """The scalar entries of a stage summary (nested "metrics" flattened): what a Prefect result carries."""
+    flat = {**(summary.get("metrics") or {}), **summary}
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 @task(name="run-stage", cache_key_fn=_key_fn, persist_result=True, log_prints=True)

@@ -68,3 +68,13 @@ def test_fingerprints_change_only_downstream():
     # compute/ray settings do not change any stage key
     moved = load_config(ROOT / "configs" / "tiny.yaml", {"ray": {"num_workers": 1}, "compute": {"threads": 2}})
     assert all(plan(moved)[n].fingerprint == a[n].fingerprint for n in a)
+
+
+def test_fingerprints_survive_a_json_round_trip():
+    """Ray workers rebuild the config from JSON: every stage key must come out the same."""
+    from rca_core.config import RunConfig
+
+    for name in ("tiny", "demo"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        again = RunConfig.model_validate_json(cfg.model_dump_json())
+        assert {n: p.fingerprint for n, p in plan(cfg).items()} == {n: p.fingerprint for n, p in plan(again).items()}

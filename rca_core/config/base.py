@@ -21,9 +21,10 @@ class ConfigError(ValueError):
 
 
 def canonical_json(obj: Any) -> str:
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable JSON of configs, also of models nested in dicts/lists (same after a JSON round trip)."""
+    from pydantic_core import to_jsonable_python
+
+    return json.dumps(to_jsonable_python(obj), sort_keys=True, separators=(",", ":"))
 
 
 def fingerprint(*parts: Any, length: int = 16) -> str:
