@@ -135,3 +135,29 @@ def test_make_dataset_demo_and_max_images(tmp_path):
     ds = make_dataset(cfg, "train", progress=False)
     assert ds.ids == [f"train_{i:05d}" for i in range(5)] and ds.class_names == ["bg", "a", "b", "c"]
     assert make_dataset(cfg, "val", progress=False).ids == ["val_00000", "val_00001"]
+
+
+def test_make_demo_repairs_a_damaged_tree(tmp_path):
+    cfg = TINY.model_copy(update={"n_train": 4, "n_val": 2})
+    root = make_demo(tmp_path / "d", cfg, progress=False)
+    (root / "JPEGImages" / "train_00001.jpg").write_bytes(b"junk")
+    make_demo(root, cfg, progress=False)
+    assert check_dataset(root, 4, progress=False) == []
+
+
+def _ensure(root):
+    ensure_demo(DataConfig(root=root, num_classes=4, demo=TINY.model_copy(update={"n_train": 24})), progress=False)
+
+
+def test_concurrent_ensure_demo_processes(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ensure, args=(str(tmp_path / "d"),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert check_dataset(tmp_path / "d", 4, progress=False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -316,12 +316,13 @@ def _write_tree(tmp: Path, cfg: DemoConfig, workers: int, progress: bool) -> Non
 
 
 def make_demo(out_dir: str | Path, demo_cfg: DemoConfig | None = None, *, workers: int = 1,
-              progress: bool = True) -> Path:
+              progress: bool = True, keep_current: bool = False) -> Path:
     """Write the demo tree at out_dir (replacing an older demo tree there). Returns the path.
 
     The tree is generated in a temporary sibling directory and renamed into place, so out_dir is
     either absent, the previous tree, or complete. A non-empty out_dir that is not a demo tree
-    (no meta.json from this generator) is refused rather than overwritten.
+    (no meta.json from this generator) is refused rather than overwritten. keep_current: when a
+    tree for the same config appeared at out_dir meanwhile (another process), keep it.
     """
     cfg = demo_cfg or DemoConfig()
     out = Path(out_dir)
@@ -337,15 +338,17 @@ def make_demo(out_dir: str | Path, demo_cfg: DemoConfig | None = None, *, worker
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_tree(tmp, cfg, workers, progress)
-        _swap_in(tmp, out, cfg)
+        _swap_in(tmp, out, cfg, keep_current)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _swap_in(tmp: Path, out: Path, cfg: DemoConfig) -> None:
+def _swap_in(tmp: Path, out: Path, cfg: DemoConfig, keep_current: bool) -> None:
     """Rename tmp to out; an existing out is moved aside first and deleted after."""
+    if keep_current and is_current(out, cfg):  # another process finished the same tree first: keep it
+        return
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -369,7 +372,7 @@ def ensure_demo(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> 
     root = Path(cfg.root)
     if is_current(root, cfg.demo):
         return root
-    return make_demo(root, cfg.demo, workers=workers, progress=progress)
+    return make_demo(root, cfg.demo, workers=workers, progress=progress, keep_current=True)
 
 
 __all__ = ["make_demo", "ensure_demo", "render", "demo_class_names", "demo_meta", "is_current",
