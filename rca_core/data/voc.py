@@ -34,7 +34,7 @@ def validate_id(image_id: str, source: str = "") -> str:
     where = f" (in {source})" if source else ""
     if not image_id or image_id != image_id.strip():
         raise DataError(f"bad image id {image_id!r}{where}: empty or surrounded by whitespace")
-    for bad in ("/", "\\", "..", "\x00"):
+    for bad in ("..", "/", "\\", "\x00"):
         if bad in image_id:
             raise DataError(f"bad image id {image_id!r}{where}: contains {bad!r}")
     return image_id
