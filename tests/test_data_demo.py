@@ -161,3 +161,13 @@ def test_concurrent_ensure_demo_processes(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert check_dataset(tmp_path / "d", 4, progress=False) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("w", [1, 2, 3])
+def test_border_band_filter_matches_brute_force(w):
+    from rca_core.data.demo import _min_filter
+
+    a = np.random.default_rng(w).integers(0, 4, (13, 17))
+    p = np.pad(a, w, mode="edge")
+    ref = np.array([[p[y:y + 2 * w + 1, x:x + 2 * w + 1].min() for x in range(17)] for y in range(13)])
+    np.testing.assert_array_equal(_min_filter(a, w), ref)

@@ -143,13 +143,16 @@ def _tones(hue: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
 
 # ----------------------------------------------------------------------------------- one image
 def _min_filter(a: np.ndarray, w: int) -> np.ndarray:
-    """Minimum over a (2w+1)^2 window, image border repeated (so the border is not an edge)."""
-    p = np.pad(a, w, mode="edge")
+    """Minimum over a (2w+1)^2 window (separable), image border repeated (so the border is not an edge)."""
     h, wd = a.shape
-    out = a.copy()
-    for dy in range(-w, w + 1):
-        for dx in range(-w, w + 1):
-            out = np.minimum(out, p[w + dy:w + dy + h, w + dx:w + dx + wd])
+    p = np.pad(a, ((0, 0), (w, w)), mode="edge")
+    rows = p[:, 0:wd].copy()
+    for dx in range(1, 2 * w + 1):
+        np.minimum(rows, p[:, dx:dx + wd], out=rows)
+    p = np.pad(rows, ((w, w), (0, 0)), mode="edge")
+    out = p[0:h].copy()
+    for dy in range(1, 2 * w + 1):
+        np.minimum(out, p[dy:dy + h], out=out)
     return out
 
 
