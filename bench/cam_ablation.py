@@ -1,0 +1,158 @@
+"""CAM ablation: plain-CAM baseline vs RCA, same budget, several seeds (issue 3 "Show").
+
+    python bench/cam_ablation.py --config configs/demo.yaml --seeds 3 --json OUT.json
+
+For each seed and variant it runs, from scratch in a fresh store, the stages cam_train -> memory_build
+-> cam_infer -> cam_eval (each in a forked child process, so the time and the peak resident memory of
+every part are measured separately) and prints CAM mIoU (mean and spread) per variant.
+Variants: `baseline` (memory, contrast and aggregation off), `rca` (the config's RCA parts, all on),
+and for diagnosis `sc` (memory + contrast only) and `agg` (memory + aggregation only).
+The JSON holds {"baseline_miou": [per seed], "rca_miou": [per seed], "threshold": [best background
+threshold of each rca run], "baseline_threshold": [...], "seconds": total wall time, "runs": [...]}.
+Every variant gets the same budget: the config's cam.train.epochs (or --epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import markdown_table, report  # noqa: E402
+from rca_core.config import load_config, parse_overrides  # noqa: E402
+from rca_core.config.base import deep_update  # noqa: E402
+
+STAGES = ["cam_train", "memory_build", "cam_infer", "cam_eval"]
+OFF = {"enabled": False}
+VARIANTS = {
+    "baseline": {"memory": OFF, "contrast": OFF, "aggregation": OFF},
+    "rca": {"memory": {"enabled": True}, "contrast": {"enabled": True}, "aggregation": {"enabled": True}},
+    "sc": {"memory": {"enabled": True}, "contrast": {"enabled": True}, "aggregation": OFF},
+    "agg": {"memory": {"enabled": True}, "contrast": OFF, "aggregation": {"enabled": True}},
+}
+
+
+def _child(name, cfg_dict, store, threads, q):
+    os.environ["RCA_NO_PROGRESS"] = "1"
+    import torch
+
+    from rca_core.config import config_from_dict
+    from rca_core.stages import run_stage
+
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(cfg_dict)
+    t = time.perf_counter()
+    try:
+        summary = run_stage(name, cfg, store, with_upstream=False, show_progress=False)
+        q.put(("ok", summary, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    except BaseException as e:  # report to the parent, which raises
+        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0.0))
+
+
+def run_part(name: str, cfg_dict: dict, store: str, threads: int) -> tuple[dict, float, float]:
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(name, cfg_dict, store, threads, q))
+    p.start()
+    status, payload, seconds, rss = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"stage {name} failed: {payload}")
+    return payload, seconds, rss
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--epochs", type=float, default=None, help="override cam.train.epochs (same for every variant)")
+    ap.add_argument("--variants", default="baseline,rca", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--work", default="bench/out/cam_ablation", help="scratch dir (its store is wiped first)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per part")
+    ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key.sub=value")
+    ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    t0 = time.time()
+    store = str(Path(args.work) / "store")
+    shutil.rmtree(store, ignore_errors=True)
+    base_over = parse_overrides(args.set)
+    if args.epochs is not None:
+        base_over = deep_update(base_over, {"cam": {"train": {"epochs": args.epochs}}})
+    runs, rows = [], []
+    for seed in range(args.seeds):
+        for v in variants:
+            over = deep_update(base_over, {"seed": seed, "store": store, "cam": VARIANTS[v]})
+            cfg = load_config(args.config, over)
+            cfg_dict = cfg.model_dump(mode="json")
+            run = {"variant": v, "seed": seed}
+            for name in STAGES:
+                summary, seconds, rss = run_part(name, cfg_dict, store, args.threads)
+                run[f"{name}_s"] = round(seconds, 1)
+                run[f"{name}_rss_mib"] = round(rss)
+                if name == "cam_train":
+                    run["epochs"] = summary.get("epochs_done")
+                    run["final_map"] = summary.get("final_map")
+                    run["history"] = summary.get("history")
+                if name == "memory_build":
+                    run["regions"] = summary.get("regions")
+                if name == "cam_eval":
+                    run["miou"] = summary["miou"]
+                    run["threshold"] = summary["best_threshold"]
+                    run["precision"] = summary["precision"]
+                    run["recall"] = summary["recall"]
+                    run["curve"] = summary["curve"]
+            runs.append(run)
+            rows.append({k: run[k] for k in ["variant", "seed", "epochs", "final_map", "miou", "threshold",
+                                             "precision", "recall"] + [f"{s}_s" for s in STAGES]
+                         + [f"{s}_rss_mib" for s in STAGES]})
+            print(f"[cam_ablation] seed {seed} {v}: mIoU {run['miou']:.4f} at t={run['threshold']} "
+                  f"(train {run['cam_train_s']} s)", flush=True)
+    summary_rows = []
+    for v in variants:
+        m = [r["miou"] for r in runs if r["variant"] == v]
+        summary_rows.append({"variant": v, "seeds": len(m), "miou_mean": statistics.fmean(m),
+                             "miou_std": statistics.stdev(m) if len(m) > 1 else 0.0,
+                             "miou_min": min(m), "miou_max": max(m),
+                             **{f"{s}_s_mean": statistics.fmean(r[f"{s}_s"] for r in runs if r["variant"] == v)
+                                for s in STAGES},
+                             **{f"{s}_rss_mib_max": max(r[f"{s}_rss_mib"] for r in runs if r["variant"] == v)
+                                for s in STAGES}})
+    seconds = time.time() - t0
+    result = {f"{v}_miou": [r["miou"] for r in runs if r["variant"] == v] for v in variants}
+    result["threshold"] = [r["threshold"] for r in runs if r["variant"] == ("rca" if "rca" in variants else variants[0])]
+    for v in variants:
+        result[f"{v}_threshold"] = [r["threshold"] for r in runs if r["variant"] == v]
+    result["seconds"] = seconds
+    result["epochs"] = runs[0]["epochs"] if runs else None
+    result["runs"] = runs
+    for s in summary_rows:
+        print(f"[cam_ablation] {s['variant']}: CAM mIoU {s['miou_mean']:.4f} +- {s['miou_std']:.4f} "
+              f"over {s['seeds']} seeds (min {s['miou_min']:.4f}, max {s['miou_max']:.4f})")
+    if "baseline" in variants and "rca" in variants:
+        d = statistics.fmean(result["rca_miou"]) - statistics.fmean(result["baseline_miou"])
+        result["rca_minus_baseline"] = d
+        result["rca_beats_baseline"] = {"goal": "RCA mean CAM mIoU > baseline mean", "measured": round(d, 4), "met": d > 0}
+    notes = (f"Total {seconds:.0f} s. Per-part times are wall seconds of each stage in its own forked process "
+             f"({args.threads} torch thread(s)); rss = that process's peak resident memory (includes ~0.4 GB of "
+             "imported libraries). Machine shared with other jobs while measured.\n\nPer run:\n\n"
+             + markdown_table(rows))
+    report("CAM ablation: baseline vs RCA (bench/cam_ablation.py)", summary_rows, result, args.json,
+           notes=notes, append=not args.no_append)
+    return result
+
+
+if __name__ == "__main__":
+    main()

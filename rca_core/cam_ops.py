@@ -1,0 +1,77 @@
+"""CAM operations: image normalisation, multi-scale + flip CAM inference, CAM -> label map.
+
+`multiscale_cam` follows IRN / method.md section 5: for each scale the image (and its horizontal
+flip) goes through the network, the ReLU CAMs of the image's ground-truth classes are upsampled
+(bilinear) to the output size, the flipped one is flipped back, and everything is summed; each
+class is then divided by its maximum (so values lie in [0, 1]). Two outputs: one at image
+resolution, one at 1/low_res_stride (ceil) for the random walk.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def normalize_image(img: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W), ImageNet mean/std."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {img.shape}")
+    return ((img.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy()
+
+
+def tags_to_indices(tags: list[int], num_classes: int) -> list[int]:
+    """1-based foreground class ids -> 0-based channel indices, checked."""
+    for t in tags:
+        if not 1 <= int(t) < num_classes:
+            raise ValueError(f"tag {t} outside the foreground classes 1..{num_classes - 1}")
+    return [int(t) - 1 for t in sorted(set(int(t) for t in tags))]
+
+
+@torch.no_grad()
+def multiscale_cam(model, img: np.ndarray, channels: list[int], scales: list[float], flip: bool = True,
+                   low_res_stride: int | None = 4, device: torch.device | str = "cpu",
+                   cam_fn=None) -> tuple[np.ndarray, np.ndarray]:
+    """CAMs of `channels` for one image -> (cam (n, H, W), cam_low (n, ceil(H/s), ceil(W/s))) float32 in [0, 1].
+
+    `cam_fn(batch) -> (B, n_fg, h, w)` ReLU CAMs; default `model.cam_maps`. With low_res_stride None the
+    low-res copy is at the network's output stride.
+    """
+    h, w = img.shape[:2]
+    n = len(channels)
+    cam_fn = cam_fn or model.cam_maps
+    x = torch.from_numpy(normalize_image(img)).unsqueeze(0).to(device)
+    stride = low_res_stride or getattr(getattr(model, "backbone", None), "output_stride", 8)
+    lh, lw = math.ceil(h / stride), math.ceil(w / stride)
+    acc = torch.zeros(n, h, w, device=device)
+    acc_low = torch.zeros(n, lh, lw, device=device)
+    if n == 0:
+        return acc.cpu().numpy(), acc_low.cpu().numpy()
+    idx = torch.tensor(channels, device=device)
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        cams = cam_fn(batch)[:, idx].float()
+        if flip:
+            cams = cams[:1] + cams[1:].flip(-1)
+        acc += F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)[0]
+        acc_low += F.interpolate(cams, size=(lh, lw), mode="bilinear", align_corners=False)[0]
+    acc = acc / (acc.flatten(1).max(1).values.view(n, 1, 1) + 1e-5)
+    acc_low = acc_low / (acc_low.flatten(1).max(1).values.view(n, 1, 1) + 1e-5)
+    return acc.cpu().numpy(), acc_low.cpu().numpy()
+
+
+def cam_to_label(cam: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
+    """(n, H, W) CAMs of class ids `classes` -> uint8 label map: the top class where its CAM > threshold, else 0."""
+    if cam.shape[0] == 0:
+        return np.zeros(cam.shape[1:], dtype=np.uint8)
+    cam = np.asarray(cam, dtype=np.float32)
+    top = cam.argmax(0)
+    ids = np.asarray(classes, dtype=np.uint8)
+    return np.where(cam.max(0) > threshold, ids[top], 0).astype(np.uint8)

@@ -1,0 +1,243 @@
+"""Stage cam_train: train the CAM network (with the switched-on RCA parts) on image tags.
+
+Loss per step (method.md sections 1-4):
+    L = MLSM(logits) [+ aux_weight * MLSM(logits_plain) when aggregation is on]
+        [+ contrast.weight * L_SC once step >= warmup_epochs * steps_per_epoch]
+The memory bank is written after each step (no gradient; GT classes with sigmoid score above the
+threshold); with aggregation on, the training prototypes are re-computed by per-class k-means of the
+memory at the start of every `refresh_every_epochs`-th epoch (from epoch 1 on: epoch 0 has no memory yet).
+
+Determinism: the model is initialised from cfg.seed; each epoch's image order and every image's
+augmentation are drawn from generators seeded by (seed, epoch, index), so a run resumed from its
+epoch checkpoint repeats exactly what the uninterrupted run does. The checkpoint (every epoch,
+atomic) holds the model (incl. memory queues and prototypes), optimizer, epoch, step, RNG states,
+the per-epoch history and the elapsed time. Outputs: files/model.pt (state dict), table `history`
+(one row per epoch: losses, classification mAP on the training batches, memory fill, seconds).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from rca_core import train_utils as tu
+from rca_core.cam_ops import normalize_image, tags_to_indices
+from rca_core.losses.contrast import semantic_contrast_loss
+from rca_core.models.cam_net import CamNet
+from rca_core.models.projection import region_embeddings, region_masks
+
+STAGE = "cam_train"
+CODE_VERSION = "1"
+INPUTS: tuple[str, ...] = ()
+log = logging.getLogger("rca.cam_train")
+
+
+class CamTrainSet(Dataset):
+    """Tag-labelled crops: random long-side resize, horizontal flip, random crop (zero pad), normalise."""
+
+    def __init__(self, dataset, ids: list[str], num_classes: int, crop: int, resize_long: tuple[int, int],
+                 seed: int = 0):
+        self.ds, self.ids, self.num_fg = dataset, list(ids), num_classes - 1
+        self.crop, self.resize_long, self.seed = crop, tuple(resize_long), seed
+        self.epoch = 0
+        if self.resize_long[0] > self.resize_long[1]:
+            raise ValueError(f"cam.train.resize_long must be (low, high), got {self.resize_long}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def target(self, image_id: str) -> np.ndarray:
+        t = np.zeros(self.num_fg, dtype=np.float32)
+        t[tags_to_indices(self.ds.tags(image_id), self.num_fg + 1)] = 1.0
+        return t
+
+    def __getitem__(self, i: int):
+        image_id = self.ids[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img = self.ds.image(image_id)
+        h, w = img.shape[:2]
+        long_side = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+        s = long_side / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        if (nh, nw) != (h, w):
+            img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        x = normalize_image(np.ascontiguousarray(img))
+        c = self.crop
+        out = np.zeros((3, c, c), dtype=np.float32)
+        # IRN-style random crop: pick a window in the padded frame, image placed at a random offset
+        ch, cw = min(c, nh), min(c, nw)
+        top, left = int(rng.integers(0, nh - ch + 1)), int(rng.integers(0, nw - cw + 1))
+        oy, ox = int(rng.integers(0, c - ch + 1)), int(rng.integers(0, c - cw + 1))
+        out[:, oy:oy + ch, ox:ox + cw] = x[:, top:top + ch, left:left + cw]
+        return torch.from_numpy(out), torch.from_numpy(self.target(image_id))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation per epoch from a generator seeded by (seed, epoch): resume-exact shuffling."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def build_optimizer(model: CamNet, tc) -> torch.optim.Optimizer:
+    bb, new = model.parameter_groups()
+    groups = [{"params": bb, "lr": tc.lr}, {"params": new, "lr": tc.lr * tc.lr_mult_new}]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    return tu.all_gather_cat(t) if tu.is_dist() else t
+
+
+def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
+    """Train (or resume) the CAM network; returns the stage summary.
+
+    `stop_after_epochs` ends this call after that many epochs *of this call* (the checkpoint stays,
+    a later call resumes) - used by tests and to split work; the final model is written only when
+    training is finished.
+    """
+    tc, cam_cfg = cfg.cam.train, cfg.cam
+    device = ctx.device
+    tu.seed_everything(cfg.seed)
+    model = CamNet(cam_cfg, cfg.data.num_classes).to(device)
+    opt = build_optimizer(model, tc)
+    ckpt_path = ctx.out.path_for("checkpoint.pt")
+    state = tu.load_checkpoint(ckpt_path, model, opt, map_location=device)
+    start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
+    extra = state["extra"] if state else {}
+    history: list[dict] = list(extra.get("history", []))
+    elapsed0 = float(extra.get("elapsed", 0.0))
+    finished = bool(extra.get("finished", False))
+    if state:
+        log.info("cam_train: resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
+
+    data = CamTrainSet(ctx.dataset, ctx.ids, cfg.data.num_classes, tc.crop_size, tc.resize_long, cfg.seed)
+    if len(data) == 0:
+        raise ValueError(f"cam_train: split {ctx.extra.get('split', '?')} has no images")
+    sampler = tu.make_sampler(data, shuffle=True, seed=cfg.seed, drop_last=True) or EpochSampler(len(data), cfg.seed)
+    bs = min(tc.batch_size, len(data))
+    loader = DataLoader(data, batch_size=bs, sampler=sampler, num_workers=tc.num_workers, drop_last=True,
+                        persistent_workers=False)
+    steps_per_epoch = len(loader)
+    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = cam_cfg.contrast.warmup_epochs * steps_per_epoch
+    ddp = tu.wrap_ddp(model, device, find_unused_parameters=cam_cfg.rca_enabled)
+    t_start = time.time()
+    epochs_this_call = 0
+    stopped_by_time = False
+
+    for epoch in range(start_epoch, n_epochs):
+        if finished or step >= total_steps:
+            break
+        data.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        if model.use_aggregation and epoch >= 1 and epoch % cam_cfg.aggregation.refresh_every_epochs == 0:
+            model.refresh_prototypes(seed=cfg.seed + epoch)
+        ddp.train()
+        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_plain": 0.0, "loss_sc": 0.0}
+        n_steps, n_sc, scores, targets, writes = 0, 0, [], [], 0
+        t_epoch = time.time()
+        for x, y in tu.progress(loader, desc=f"cam_train {epoch + 1}/{n_epochs}", total=steps_per_epoch):
+            if step >= total_steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = tu.set_poly_lr(opt, step, total_steps)
+            out = ddp(x, with_embeddings=model.use_memory)
+            loss_cls = F.multilabel_soft_margin_loss(out["logits"], y)
+            loss = loss_cls
+            if model.use_aggregation:
+                loss_plain = F.multilabel_soft_margin_loss(out["logits_plain"], y)
+                loss = loss + tc.aux_weight * loss_plain
+                sums["loss_plain"] += float(loss_plain.detach())
+            if model.use_memory:
+                masks, index = region_masks(out["cam_plain"], y)
+                emb = region_embeddings(out["emb"], masks, index)
+                if model.use_contrast and step >= warmup_steps:
+                    mem_e, mem_c = model.memory.entries()
+                    loss_sc = semantic_contrast_loss(emb, index[:, 1], mem_e, mem_c, cam_cfg.contrast.temperature,
+                                                     mixup_alpha=8.0 if cam_cfg.contrast.mixup else None)
+                    loss = loss + cam_cfg.contrast.weight * loss_sc
+                    sums["loss_sc"] += float(loss_sc.detach())
+                    n_sc += 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if model.use_memory:
+                with torch.no_grad():
+                    region_score = torch.sigmoid(out["logits"].detach())[index[:, 0], index[:, 1]]
+                    writes += model.memory.write_regions(_gather(F.normalize(emb.detach(), dim=1)),
+                                                         _gather(index[:, 1]), _gather(region_score))
+            sums["loss"] += float(loss.detach())
+            sums["loss_cls"] += float(loss_cls.detach())
+            scores.append(torch.sigmoid(out["logits"].detach()).cpu())
+            targets.append(y.cpu())
+            step += 1
+            n_steps += 1
+            if tc.max_seconds and elapsed0 + time.time() - t_start > tc.max_seconds:
+                stopped_by_time = True
+                break
+        row = {"epoch": epoch + 1, "steps": n_steps, "global_step": step, "lr": lr if n_steps else None,
+               "loss": sums["loss"] / max(1, n_steps), "loss_cls": sums["loss_cls"] / max(1, n_steps),
+               "loss_plain": sums["loss_plain"] / max(1, n_steps) if model.use_aggregation else None,
+               "loss_sc": sums["loss_sc"] / n_sc if n_sc else None,
+               "map": tu.multilabel_map(torch.cat(scores), torch.cat(targets)) if scores else None,
+               "memory_writes": writes if model.use_memory else None,
+               "memory_fill": float(np.mean(model.memory.fill_fraction())) if model.use_memory else None,
+               "prototypes_valid": int(model.prototype_valid.sum()) if model.use_aggregation else None,
+               "seconds": time.time() - t_epoch}
+        row = {k: (tu.all_reduce_mean(v, device) if isinstance(v, float) and k.startswith(("loss", "map")) else v)
+               for k, v in row.items()}
+        history.append(row)
+        log.info("cam_train epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if v is not None})
+        finished = stopped_by_time or step >= total_steps
+        tu.save_checkpoint(ckpt_path, model, opt, epoch + 1, step,
+                           extra={"history": history, "elapsed": elapsed0 + time.time() - t_start,
+                                  "finished": finished, "stopped_by_time": stopped_by_time})
+        epochs_this_call += 1
+        if finished:
+            break
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            tu.barrier()
+            return {"finished": False, "epochs_done": epoch + 1, "steps": step, "history": history}
+
+    elapsed = elapsed0 + time.time() - t_start
+    if tu.is_main():
+        model_path = ctx.out.path_for("model.pt")
+        tmp = model_path + ".tmp"
+        torch.save(model.state_dict(), tmp)
+        import os
+        os.replace(tmp, model_path)
+        if history:
+            ctx.out.write_table("history", history)
+    tu.barrier()
+    last = history[-1] if history else {}
+    return {"finished": True, "epochs_done": len(history), "steps": step, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch, "stopped_by_time": bool(stopped_by_time or extra.get("stopped_by_time")),
+            "train_seconds": elapsed, "final_loss": last.get("loss"), "final_map": last.get("map"),
+            "rca": {"memory": model.use_memory, "contrast": model.use_contrast, "aggregation": model.use_aggregation},
+            "history": history}

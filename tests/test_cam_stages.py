@@ -1,0 +1,112 @@
+"""CAM stages on the tiny config: resume after a stop equals an uninterrupted run; memory build,
+CAM inference and CAM evaluation write what the stage contract says."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rca_core.config import load_config
+from rca_core.kmeans import class_prototypes
+from rca_core.stages import make_context, plan, run_stage
+from rca_core.stages import cam_train
+from rca_core.store import ArtifactStore
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tinydata") / "demo")
+
+
+def tiny(data_root, store, **cam):
+    over = {"store": str(store), "data": {"root": data_root}, "compute": {"threads": 1}}
+    if cam:
+        over["cam"] = cam
+    return load_config(ROOT / "configs" / "tiny.yaml", over)
+
+
+def train_ctx(cfg):
+    store = ArtifactStore(cfg.store)
+    ctx = make_context("cam_train", cfg, store, plan(cfg))
+    ctx.out.prepare(())
+    return ctx
+
+
+def test_resumed_training_continues_where_it_stopped(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+    # contrast from the start and mixup on, so memory, k-means and the global RNG all matter
+    cfg_a = tiny(data_root, tmp_path / "a", contrast={"warmup_epochs": 0.5, "mixup": True})
+    cfg_b = tiny(data_root, tmp_path / "b", contrast={"warmup_epochs": 0.5, "mixup": True})
+    ctx_a = train_ctx(cfg_a)
+    first = cam_train.train(cfg_a, ctx_a, stop_after_epochs=1)
+    assert first["finished"] is False and first["epochs_done"] == 1
+    assert not ctx_a.out.has_file("model.pt") and ctx_a.out.has_file("checkpoint.pt")
+    torch.manual_seed(12345)  # a fresh process would not share our RNG state: scramble it
+    resumed = cam_train.train(cfg_a, train_ctx(cfg_a))
+    straight = cam_train.train(cfg_b, train_ctx(cfg_b))
+    assert resumed["finished"] and straight["finished"] and resumed["epochs_done"] == straight["epochs_done"] == 2
+    assert resumed["steps"] == straight["steps"]
+    sa = torch.load(ctx_a.out.path_for("model.pt"), weights_only=True)
+    sb = torch.load(train_ctx(cfg_b).out.path_for("model.pt"), weights_only=True)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert int(sa["memory.count"].sum()) > 0 and bool(sa["prototype_valid"].any())
+    for ra, rb in zip(resumed["history"], straight["history"]):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+    hist = ctx_a.out.read_table("history").to_pylist()
+    assert [r["epoch"] for r in hist] == [1, 2] and hist[1]["loss_sc"] is not None
+    # a finished run called again does not train further
+    again = cam_train.train(cfg_a, train_ctx(cfg_a))
+    assert again["steps"] == resumed["steps"] and len(again["history"]) == 2
+
+
+def test_max_seconds_stops_training(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    cfg = tiny(data_root, tmp_path / "s", train={"epochs": 50, "max_seconds": 1e-3})
+    out = cam_train.train(cfg, train_ctx(cfg))
+    assert out["finished"] and out["stopped_by_time"] and out["steps"] == 1
+
+
+@pytest.mark.parametrize("rca", [True, False])
+def test_cam_pipeline_outputs(data_root, tmp_path, monkeypatch, rca):
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    parts = {} if rca else {"memory": {"enabled": False}, "contrast": {"enabled": False},
+                            "aggregation": {"enabled": False}}
+    cfg = tiny(data_root, tmp_path / "p", **parts)
+    summary = run_stage("cam_eval", cfg, show_progress=False)
+    store = ArtifactStore(cfg.store)
+    plans = plan(cfg)
+    ds = make_context("cam_infer", cfg, store, plans).dataset
+    mem = store.stage("memory_build", plans["memory_build"].fingerprint)
+    cams = store.stage("cam_infer", plans["cam_infer"].fingerprint)
+    # memory build: one embedding per (image, tag); prototypes are the k-means of those embeddings
+    emb, _ = mem.get_array("embeddings")
+    cls, _ = mem.get_array("embedding_classes")
+    assert emb.shape[0] == sum(len(ds.tags(i)) for i in ds.ids) == len(cls)
+    protos, _ = mem.get_array("prototypes")
+    valid, _ = mem.get_array("prototype_valid")
+    k = cfg.cam.aggregation.prototypes_per_class
+    expect, expect_valid = class_prototypes(torch.from_numpy(emb), torch.from_numpy(cls - 1), 3, k,
+                                            cfg.cam.aggregation.kmeans_iters, seed=cfg.seed)
+    assert protos.shape == (3, k, emb.shape[1]) and np.allclose(protos, expect.numpy())
+    assert (valid.astype(bool) == expect_valid.numpy()).all()
+    # CAM inference: GT classes only, image resolution + strided copy, float16, max-normalised
+    for image_id in ds.ids[:6]:
+        cam, attrs = cams.read(image_id, "cam")
+        low, _ = cams.read(image_id, "cam_low")
+        h, w = ds.size(image_id)
+        tags = sorted(ds.tags(image_id))
+        assert attrs["classes"] == tags and cam.dtype == np.float16
+        assert cam.shape == (len(tags), h, w) and low.shape == (len(tags), math.ceil(h / 4), math.ceil(w / 4))
+        assert cam.min() >= 0 and np.allclose(cam.reshape(len(tags), -1).max(1), 1.0, atol=2e-3)
+    # CAM evaluation: the whole curve, best threshold = best point of the curve
+    curve = summary["curve"]
+    assert [c["threshold"] for c in curve] == sorted(cfg.cam_eval.thresholds)
+    assert summary["miou"] == max(c["miou"] for c in curve)
+    assert summary["best_threshold"] in cfg.cam_eval.thresholds and 0 <= summary["miou"] <= 1
+    table = store.stage("cam_eval", plans["cam_eval"].fingerprint).read_table("curve").to_pylist()
+    assert len(table) == len(curve) and all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in table)
