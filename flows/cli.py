@@ -20,10 +20,10 @@ SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --s
 
 
 def _load(config: str, overrides: Optional[List[str]]):
-    from rca_core.config import ConfigError, load_config, parse_overrides
+    from rca_core.config import ConfigError, load_config, parse_overrides, resolve_paths
 
     try:
-        return load_config(config, parse_overrides(overrides or []))
+        return resolve_paths(load_config(config, parse_overrides(overrides or [])))
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2)

@@ -2,25 +2,14 @@
 can be started from the Prefect UI with a typed parameter form (the RunConfig model)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from rca_core.config import RunConfig
-
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """The served process may not share the user's working directory: pin relative paths."""
-    upd = cfg.model_copy(deep=True)
-    if "://" not in upd.store:
-        upd.store = str(Path(upd.store).resolve())
-    upd.data.root = str(Path(upd.data.root).resolve())
-    return upd
+from rca_core.config import RunConfig, resolve_paths
 
 
 def build_deployments(cfg: RunConfig, name: str):
     from flows.pipeline import pipeline
     from flows.stage_flows import STAGE_FLOWS
 
-    params = {"config": absolute_paths(cfg).model_dump(mode="json")}
+    params = {"config": resolve_paths(cfg).model_dump(mode="json")}
     deps = [pipeline.to_deployment(name=name, parameters=params, tags=["rca", cfg.name],
                                    description=f"Full RCA pipeline; defaults from the {cfg.name} config.")]
     for stage, fl in STAGE_FLOWS.items():

@@ -65,6 +65,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     return cfg
 
 
+def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
+    """A copy with relative local paths made absolute (Ray workers and served runs may not share the cwd)."""
+    base = Path(base or Path.cwd())
+    out = cfg.model_copy(deep=True)
+    if "://" not in out.store:
+        out.store = str((base / out.store).resolve())
+    out.data.root = str((base / out.data.root).resolve())
+    for attr in ("labels_file", "saliency_dir"):
+        v = getattr(out.data, attr)
+        if v:
+            setattr(out.data, attr, str((base / v).resolve()))
+    return out
+
+
 def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
     """Paths that must exist before a run starts (relative paths are relative to the working directory)."""
     problems = []
@@ -80,4 +94,4 @@ def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
 
 
-__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "check_paths", "canonical_json"]
+__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]

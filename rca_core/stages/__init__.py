@@ -74,8 +74,14 @@ def stage_kind(name: str) -> str:
 
 
 def data_identity(cfg: RunConfig) -> dict:
+    """What names the data: for the demo set its generator settings and version (not where it lives)."""
     d = cfg.data.model_dump(mode="json")
-    if cfg.data.kind != "demo":
+    if cfg.data.kind == "demo":
+        from rca_core.data.demo import GENERATOR_VERSION
+
+        d.pop("root")
+        d["generator_version"] = GENERATOR_VERSION
+    else:
         d.pop("demo")
     return d
 

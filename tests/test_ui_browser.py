@@ -1,0 +1,132 @@
+"""The user's path through the Prefect UI in a real browser (headless Chromium via playwright).
+
+Starts a Prefect server on 127.0.0.1 (session fixture) and `rca serve`; opens the deployment in the
+UI; Custom run with one parameter edited in the form; waits for completion; checks through the API
+that the run used the edited value; checks the metrics artifact on the run page; saves screenshots
+to runs/test-output/ui/. A second run with the same parameters shows its stages as Cached. The run
+report opened in the same browser renders (no broken image, no console error).
+Installs Debian's chromium (apt-get) and the playwright package (pip) itself when missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_config
+import prefect_api
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+OUT = Path(os.environ.get("RCA_TEST_OUTPUT", ROOT / "runs" / "test-output")) / "ui"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def ensure_browser() -> None:
+    if not Path(CHROMIUM).exists():
+        apt = ["apt-get"] if os.geteuid() == 0 else ["sudo", "-n", "apt-get"]
+        subprocess.run(apt + ["update", "-qq"], check=False, capture_output=True, timeout=300)
+        r = subprocess.run(apt + ["install", "-y", "-qq", "chromium"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and Path(CHROMIUM).exists(), f"installing chromium failed: {r.stderr[-2000:]}"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"pip install playwright failed: {r.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    ensure_browser()
+    cfg = write_config(tmp_path_factory.mktemp("ui_run"))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    log = open(tmp_path_factory.mktemp("serve_log") / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("rca")), "serve", "-c", str(cfg), "--name", "ui"],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dep = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            dep = prefect_api.deployment(prefect_server, "rca-pipeline", "ui")
+            break
+        except Exception:
+            time.sleep(1)
+    assert dep is not None, f"rca serve did not register its deployment: {Path(log.name).read_text()[-3000:]}"
+    yield {"api": prefect_server, "deployment": dep, "config": cfg}
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=60)
+    log.close()
+
+
+def test_custom_run_from_the_ui(served):
+    from playwright.sync_api import sync_playwright
+
+    api, dep = served["api"], served["deployment"]
+    ui = api[: -len("/api")]
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+    console_errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{ui}/deployments/deployment/{dep['id']}")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        page.wait_for_url("**/run?**", timeout=30000)
+        # the typed form: nested sections with descriptions; edit the seed
+        seed_label = page.get_by_text("Seed (Optional)", exact=True)
+        seed_label.wait_for(timeout=30000)
+        assert page.get_by_text("artifact store: local dir or fsspec URL").count() >= 1
+        seed = seed_label.locator("xpath=following::input[1]")
+        seed.fill("7")
+        page.screenshot(path=str(OUT / "custom_run_form.png"), full_page=False)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url("**/flow-run/**", timeout=60000)
+        run_id = page.url.split("/flow-run/")[1].split("?")[0].split("/")[0]
+        fr = prefect_api.wait_flow_run(api, run_id, timeout=900)
+        assert fr["state"]["type"] == "COMPLETED", fr["state"]
+        assert fr["parameters"]["config"]["seed"] == 7
+        # the run page after completion, with its artifacts tab
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.get_by_text("Completed").first.wait_for(timeout=30000)
+        page.screenshot(path=str(OUT / "finished_run.png"), full_page=False)
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("rca-metrics").first.wait_for(timeout=30000)
+        page.screenshot(path=str(OUT / "run_artifacts.png"), full_page=True)
+
+        # second run, same parameters, through the API call the UI makes: stages come back Cached
+        t1 = time.time()
+        fr2 = prefect_api.create_run(api, dep["id"], fr["parameters"])
+        fr2 = prefect_api.wait_flow_run(api, fr2["id"], timeout=600)
+        assert fr2["state"]["type"] == "COMPLETED"
+        states = {t["name"]: t["state"]["name"] for t in prefect_api.task_runs_since(api, t1)}
+        for stage in ["cam_train", "cam_infer", "crf_labels", "random_walk", "seg_train", "seg_eval"]:
+            assert states.get(stage) == "Cached", states
+        page.goto(f"{ui}/runs/flow-run/{fr2['id']}")
+        page.get_by_text("Completed").first.wait_for(timeout=30000)
+        page.screenshot(path=str(OUT / "second_run_cached.png"), full_page=False)
+
+        # the run report (written by the pipeline) renders: tables and images, no console error
+        from rca_core.config import load_config
+        report = Path(load_config(served["config"]).store).parent / "report" / "index.html"
+        assert report.exists(), f"no report at {report}"
+        rpage = browser.new_page(viewport={"width": 1400, "height": 1100})
+        rpage.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        rpage.on("pageerror", lambda e: console_errors.append(str(e)))
+        rpage.goto(report.as_uri())
+        rpage.wait_for_load_state("load")
+        assert rpage.locator("table").count() >= 1
+        broken = rpage.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
+        assert rpage.evaluate("document.images.length") >= 1
+        assert broken == [], broken
+        rpage.screenshot(path=str(OUT / "report.png"), full_page=True)
+        browser.close()
+    assert console_errors == [], console_errors
