@@ -106,8 +106,7 @@ def stage(name: str = typer.Argument(..., help="stage name (see `rca config show
 @app.command("run")
 def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         stages: Optional[List[str]] = typer.Option(None, "--stage", help="only these stages (+ upstream)"),
-        prefect_home: Path = typer.Option(Path("runs/prefect"), help="PREFECT_HOME of the local server"),
-        report: bool = typer.Option(True, help="write the HTML run report at the end")):
+        prefect_home: Path = typer.Option(Path("runs/prefect"), help="PREFECT_HOME of the local server")):
     """Run the whole pipeline as a Prefect flow over Ray. Without PREFECT_API_URL a local Prefect
     server (SQLite, 127.0.0.1) is started for the run and stopped afterwards."""
     import os
@@ -124,14 +123,8 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
             typer.echo(f"[rca] Prefect API {api} (UI at {api[:-4]})")
             res = _run_pipeline(cfg, stages)
     _print_table(res, cfg)
-    if report:
-        try:
-            from rca_core.report import write_report
-        except ImportError:
-            typer.echo("[rca] report module not available yet; skipped")
-        else:
-            path = write_report(cfg.store, out_dir=Path(cfg.store).parent / "report", config=cfg)
-            typer.echo(f"[rca] report: {path}")
+    if res.get("report"):
+        typer.echo(f"[rca] report: {res['report']}")
 
 
 @app.command("serve")
@@ -185,9 +178,56 @@ def _print_table(res: dict, cfg) -> None:
     for r in rows:
         t.add_row(*[("" if r.get(c) is None else str(r.get(c))) for c in cols])
     Console().print(t)
+    typer.echo(f"[rca] wall time per stage above; total {res['seconds']:.0f} s")
     typer.echo(f"[rca] outputs: artifact store {cfg.store}")
     for name, key in res["keys"].items():
         typer.echo(f"[rca]   {name:15s} {cfg.store}/{key}")
+
+
+@app.command("predict")
+def predict(checkpoint: Path = typer.Argument(..., help="segmenter model.pt (seg_train stage files/)"),
+            inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
+            out: Path = typer.Option(..., "--out", "-o", help="output folder (masks/ and overlays/)"),
+            batch_size: int = typer.Option(8, help="images per forward pass"),
+            device: str = typer.Option("auto", help="auto, cpu or cuda"),
+            overlays: bool = typer.Option(True, help="also write colour overlays")):
+    """Segment new images: VOC palette PNG masks (+ overlays). Unreadable files are named; the rest still run."""
+    from rca_core.predict import predict_folder
+
+    if not checkpoint.is_file():
+        typer.secho(f"checkpoint not found: {checkpoint}", fg="red", err=True)
+        raise typer.Exit(2)
+    files = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else list(inputs)
+    errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
+                            device=None if device == "auto" else device, overlays=overlays)
+    typer.echo(f"[rca] masks written to {out / 'masks'}")
+    if errors:
+        for e in errors:
+            typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report(run: Path = typer.Argument(..., help="a run config YAML, or an artifact store directory"),
+           out: Optional[Path] = typer.Option(None, help="output folder (default: <store>/../report)")):
+    """Write the HTML run report (tables, per-class bars, curves, sample grid) and print its path."""
+    from rca_core.config import config_from_dict, load_config, resolve_paths
+
+    if run.is_dir():
+        records = sorted((run / "_runs").glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+        if not records:
+            typer.secho(f"{run}: no recorded run (no _runs/*/config.yaml): not an artifact store?", fg="red", err=True)
+            raise typer.Exit(2)
+        import yaml
+
+        cfg = config_from_dict(yaml.safe_load((records[-1].parent / "config.yaml").read_text()), str(records[-1]))
+        cfg = cfg.model_copy(update={"store": str(run.resolve())})
+    else:
+        cfg = resolve_paths(load_config(run))
+    from rca_core.report import write_report
+
+    path = write_report(cfg.store, out or Path(cfg.store).parent / "report", cfg)
+    typer.echo(str(path))
 
 
 def _short(summary: dict) -> dict:

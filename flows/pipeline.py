@@ -27,6 +27,18 @@ def prepare_data(config: RunConfig) -> dict:
     return {s: len(make_dataset(config.data, s).ids) for s in sorted(splits)}
 
 
+@task(name="write-report")
+def write_run_report(config: RunConfig) -> str:
+    """The HTML report (with PNGs) next to the store: runs/<name>/report/index.html for local stores."""
+    from pathlib import Path
+
+    from rca_core.report import write_report
+
+    if "://" in config.store:
+        return ""
+    return str(write_report(config.store, Path(config.store).parent / "report", config))
+
+
 def stage_row(name: str, res: dict, seconds: float) -> dict:
     s = res.get("summary", {})
     row = {"stage": name, "status": "cached" if res.get("cached") else "ran", "seconds": round(seconds, 1)}
@@ -58,17 +70,20 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
             results[name] = res
             rows.append(stage_row(name, res, time.time() - t))
             print(f"{name}: {rows[-1]['status']} in {rows[-1]['seconds']} s")
+    report = write_run_report(cfg) if "seg_eval" in order or "random_walk" in order else ""
     total = time.time() - t_all
     create_table_artifact(key="rca-metrics", table=rows,
                           description=f"Per-stage metrics and wall time of run {cfg.name} ({total:.0f} s)")
     keys = {n: p.key for n, p in plan(cfg).items() if n in order}
-    create_markdown_artifact(key="rca-outputs", markdown=_outputs_md(cfg, keys, total),
+    create_markdown_artifact(key="rca-outputs", markdown=_outputs_md(cfg, keys, total, report),
                              description="Where this run's outputs are")
-    return {"stages": results, "table": rows, "seconds": total, "store": cfg.store, "keys": keys}
+    return {"stages": results, "table": rows, "seconds": total, "store": cfg.store, "keys": keys, "report": report}
 
 
-def _outputs_md(cfg: RunConfig, keys: dict, total: float) -> str:
+def _outputs_md(cfg: RunConfig, keys: dict, total: float, report: str) -> str:
     lines = [f"# Run {cfg.name}", "", f"Wall time: {total:.0f} s", "", f"Artifact store: `{cfg.store}`", ""]
+    if report:
+        lines += [f"Report: `{report}` (open in a browser)", ""]
     lines += [f"- {n}: `{cfg.store}/{k}`" for n, k in keys.items()]
     if "random_walk" in keys:
         lines += ["", f"Pseudo-mask PNGs: `{cfg.store}/{keys['random_walk']}/files/png/`"]

@@ -140,11 +140,10 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
         return None
     model = None
     if stage["seg_train"].is_complete() and stage["seg_train"].has_file("model.pt"):
-        try:
-            from rca_core.predict import load_segmenter
-            model = load_segmenter(stage["seg_train"].path_for("model.pt"), "cpu")
-        except Exception:
-            model = None
+        from rca_core.predict import Predictor, load_segmenter
+
+        net, meta = load_segmenter(stage["seg_train"].path_for("model.pt"), "cpu")
+        model = Predictor(net, meta, "cpu", (1.0,), False)
     cols = ["image", "CAM", "CRF labels", "pseudo-mask", "segmenter", "ground truth"]
     rows = []
     for i in ids:
@@ -154,11 +153,7 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
         tiles = [img, _cam_rgb(stage["cam_infer"].read(i, "cam")[0], (h, w))]
         for key, field in (("crf_labels", "crf_label"), ("random_walk", "pseudo_mask")):
             tiles.append(colourise(stage[key].read(i, field)[0]) if stage[key].is_done(i) else blank)
-        if model is not None:
-            pred = _predict(model, img)
-            tiles.append(colourise(pred) if pred is not None else blank)
-        else:
-            tiles.append(blank)
+        tiles.append(colourise(model.predict(img[None])[0]) if model is not None else blank)
         tiles.append(colourise(ds.mask(i)) if getattr(ds, "has_mask", lambda _: True)(i) else blank)
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
     width = max(r.shape[1] for r in rows)
@@ -166,18 +161,6 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     scale = max(1, 160 // max(1, rows[0].shape[0]))
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     return cols
-
-
-def _predict(model, img: np.ndarray):
-    for attr in ("predict",):
-        fn = getattr(model, attr, None)
-        if fn is not None:
-            try:
-                out = fn([img])
-                return np.asarray(out[0] if isinstance(out, (list, tuple)) or getattr(out, "ndim", 0) == 3 else out)
-            except Exception:
-                return None
-    return None
 
 
 def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import ROOT
 import prefect_api
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -43,9 +43,11 @@ def ensure_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def served(prefect_server, tmp_path_factory):
+def served(prefect_server, reference_run, tmp_path_factory):
+    """`rca serve` of the reference run's config: the UI run reuses its finished stages."""
     ensure_browser()
-    cfg = write_config(tmp_path_factory.mktemp("ui_run"))
+    assert reference_run["rc"] == 0, reference_run["stdout"][-2000:]
+    cfg = reference_run["config"]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     log = open(tmp_path_factory.mktemp("serve_log") / "serve.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("rca")), "serve", "-c", str(cfg), "--name", "ui"],
@@ -81,19 +83,28 @@ def test_custom_run_from_the_ui(served):
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
         page.wait_for_url("**/run?**", timeout=30000)
-        # the typed form: nested sections with descriptions; edit the seed
-        seed_label = page.get_by_text("Seed (Optional)", exact=True)
-        seed_label.wait_for(timeout=30000)
+        # the typed form: nested sections with descriptions; edit the segmenter's epochs (1 -> 2)
+        page.get_by_text("Store (Optional)", exact=True).wait_for(timeout=30000)
         assert page.get_by_text("artifact store: local dir or fsspec URL").count() >= 1
-        seed = seed_label.locator("xpath=following::input[1]")
-        seed.fill("7")
+        seg = page.get_by_text("Segmenter (Optional)", exact=True)
+        seg.scroll_into_view_if_needed()
+        epochs = seg.locator("xpath=following::*[normalize-space(text())='Epochs (Optional)'][1]/following::input[1]")
+        assert epochs.input_value() == "1"
+        epochs.fill("2")
+        epochs.scroll_into_view_if_needed()
         page.screenshot(path=str(OUT / "custom_run_form.png"), full_page=False)
+        t0 = time.time()
         page.get_by_role("button", name="Submit").click()
         page.wait_for_url("**/flow-run/**", timeout=60000)
         run_id = page.url.split("/flow-run/")[1].split("?")[0].split("/")[0]
         fr = prefect_api.wait_flow_run(api, run_id, timeout=900)
         assert fr["state"]["type"] == "COMPLETED", fr["state"]
-        assert fr["parameters"]["config"]["seed"] == 7
+        assert fr["parameters"]["config"]["segmenter"]["epochs"] == 2
+        # only the segmenter stages recomputed; everything before them came from the cache
+        states = {t["name"]: t["state"]["name"] for t in prefect_api.task_runs_since(api, t0)}
+        assert states.get("seg_train") == "Completed" and states.get("seg_eval") == "Completed", states
+        for stage in ["cam_train", "cam_infer", "crf_labels", "random_walk"]:
+            assert states.get(stage) == "Cached", states
         # the run page after completion, with its artifacts tab
         page.goto(f"{ui}/runs/flow-run/{run_id}")
         page.get_by_text("Completed").first.wait_for(timeout=30000)
