@@ -12,7 +12,7 @@ the new layers `lr_mult_head` x the learning rate.
   loaded into its ResNet trunk, strictly (a missing or mismatched file raises PretrainedWeightsError).
 - `SmallDeepLab`: the project's small ResNet (rca_core.models.backbones, output stride 8) + ASPP-lite
   (1x1, three 3x3 dilated branches at rates 2/4/6 and image pooling, 64 channels each) + a light
-  DeepLab-v3+-style decoder that adds the stride-2 stage-1 features back (the 12x12 feature map of a
+  DeepLab-v3+-style decoder that adds the stride-4 stage-2 features back (the 12x12 feature map of a
   96 px demo image is too coarse on its own).
 
 `build_segmenter(cfg, num_classes)` picks one from a SegmenterConfig; `model_meta(...)` is the metadata
@@ -130,15 +130,15 @@ class SmallDeepLab(_Segmenter):
         self.backbone = build_backbone(BackboneConfig(name="small", output_stride=8, width=width,
                                                       pretrained=pretrained))
         self.aspp = ASPPLite(self.backbone.out_channels, channels, rates or DEFAULT_RATES["small"])
-        self.low = _conv_bn_relu(self.backbone.stage_channels[0], low_channels, 1)
+        self.low = _conv_bn_relu(self.backbone.stage_channels[1], low_channels, 1)
         self.fuse = _conv_bn_relu(channels + low_channels, channels, 3)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f1, _, _, f4 = self.backbone.forward_features(x)
+        _, f2, _, f4 = self.backbone.forward_features(x)
         y = self.aspp(f4)
-        y = F.interpolate(y, size=f1.shape[-2:], mode="bilinear", align_corners=False)
-        y = self.fuse(torch.cat([y, self.low(f1)], 1))
+        y = F.interpolate(y, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.fuse(torch.cat([y, self.low(f2)], 1))
         return _upsample(self.classifier(y), x.shape[-2:])
 
 

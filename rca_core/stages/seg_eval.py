@@ -47,7 +47,10 @@ class Worker:
         image = self.ctx.dataset.image(image_id)
         pred = self.predict(np.asarray(image, dtype=np.uint8))
         self.ctx.out.write(image_id, {"pred": pred})
-        gt = self.ctx.dataset.mask(image_id)
+        ds = self.ctx.dataset
+        if hasattr(ds, "has_mask") and not ds.has_mask(image_id):
+            return {"pixel_accuracy": float("nan")}
+        gt = ds.mask(image_id)
         valid = gt != 255
         acc = float((pred[valid] == gt[valid]).mean()) if valid.any() else float("nan")
         return {"pixel_accuracy": acc}
@@ -57,7 +60,11 @@ def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
     names = list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or
                  [str(i) for i in range(cfg.data.num_classes)])
     cm = ConfusionMatrix(cfg.data.num_classes, "all", names)
+    scored = 0
     for image_id in ctx.ids:
+        if hasattr(ctx.dataset, "has_mask") and not ctx.dataset.has_mask(image_id):
+            continue  # e.g. a test split: predictions are stored, nothing to score
+        scored += 1
         pred, _ = ctx.out.read(image_id, "pred")
         cm.update(pred, ctx.dataset.mask(image_id))
     res = cm.compute()
@@ -68,5 +75,5 @@ def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
     seg = cfg.segmenter
     return {"miou": res["miou"], "precision": res["precision"], "recall": res["recall"],
             "pixel_accuracy": res["pixel_accuracy"], "iou": res["iou"], "class_precision": res["class_precision"],
-            "class_recall": res["class_recall"], "images": len(ctx.ids), "labels": seg.labels,
+            "class_recall": res["class_recall"], "images": len(ctx.ids), "scored_images": scored, "labels": seg.labels,
             "eval_scales": list(seg.eval_scales), "eval_flip": seg.eval_flip, "eval_crf": seg.eval_crf}
