@@ -117,12 +117,13 @@ class Predictor:
 
 # ----------------------------------------------------------------------------- folders
 def list_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """Image files of a folder (by extension, sorted) or the given files; plus errors for missing paths."""
+    """Image files of a folder (by extension, sorted) or of a list of files and/or folders; plus an error
+    for every path that does not exist. A folder given on its own must hold at least one image."""
     errors: list[str] = []
     if isinstance(inputs, (str, os.PathLike)):
         p = Path(inputs)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = _folder_images(p)
             if not files:
                 raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {p}")
             return files, errors
@@ -130,11 +131,20 @@ def list_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
     files = []
     for f in inputs:
         f = Path(f)
-        if f.is_file():
+        if f.is_dir():
+            found = _folder_images(f)
+            files.extend(found)
+            if not found:
+                errors.append(f"{f}: folder holds no image files")
+        elif f.is_file():
             files.append(f)
         else:
             errors.append(f"{f}: file not found")
     return files, errors
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -73,6 +73,13 @@ def test_list_of_files_with_a_missing_one(checkpoint, folder, tmp_path):
                             overlays=False, show_progress=False)
     assert len(errors) == 1 and "nope.png" in errors[0] and "not found" in errors[0]
     assert [p.name for p in (tmp_path / "o" / "masks").iterdir()] == ["a.png"]
+    # a list may mix files and folders (as `rca predict a.png folder/` passes them)
+    other = tmp_path / "more"
+    other.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(other / "z.png")
+    errors = predict_folder(checkpoint, [folder / "a.png", other], tmp_path / "o2", device="cpu",
+                            overlays=False, show_progress=False)
+    assert errors == [] and sorted(p.name for p in (tmp_path / "o2" / "masks").iterdir()) == ["a.png", "z.png"]
 
 
 def test_multiscale_flip_probabilities_are_a_distribution(checkpoint):
