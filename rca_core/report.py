@@ -139,10 +139,12 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     if not ids:
         return None
     model = None
-    if stage["seg_train"].is_complete() and stage["seg_train"].has_file("model.pt"):
+    from rca_core.stages.seg_train import MODEL_FILE
+
+    if stage["seg_train"].is_complete() and stage["seg_train"].has_file(MODEL_FILE):
         from rca_core.predict import Predictor, load_segmenter
 
-        net, meta = load_segmenter(stage["seg_train"].path_for("model.pt"), "cpu")
+        net, meta = load_segmenter(stage["seg_train"].path_for(MODEL_FILE), "cpu")
         model = Predictor(net, meta, "cpu", (1.0,), False)
     cols = ["image", "CAM", "CRF labels", "pseudo-mask", "segmenter", "ground truth"]
     rows = []
