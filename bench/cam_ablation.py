@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import markdown_table, report  # noqa: E402
 from rca_core.config import load_config, parse_overrides  # noqa: E402
 from rca_core.config.base import deep_update  # noqa: E402
+import rca_core.stages  # noqa: E402,F401  (imported before forking: every part runs the same code)
+from rca_core.stages import cam_eval, cam_infer, cam_train, memory_build  # noqa: E402,F401
 
 STAGES = ["cam_train", "memory_build", "cam_infer", "cam_eval"]
 OFF = {"enabled": False}
@@ -40,33 +42,47 @@ VARIANTS = {
 }
 
 
-def _child(name, cfg_dict, store, threads, q):
+def _child(name, cfg_dict, store, threads, subset, q):
     os.environ["RCA_NO_PROGRESS"] = "1"
     import torch
 
     from rca_core.config import config_from_dict
-    from rca_core.stages import run_stage
+    from rca_core.stages import make_context, plan, process_images, run_stage, stage_module
+    from rca_core.store import ArtifactStore
 
     torch.set_num_threads(threads)
     cfg = config_from_dict(cfg_dict)
     t = time.perf_counter()
     try:
-        summary = run_stage(name, cfg, store, with_upstream=False, show_progress=False)
-        q.put(("ok", summary, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        if name == "cam_train" or not subset:
+            summary = run_stage(name, cfg, store, with_upstream=False, show_progress=False)
+        else:  # the first `subset` images of the split only; the output is not marked complete
+            ctx = make_context(name, cfg, ArtifactStore(store), plan(cfg))
+            ctx.ids = ctx.ids[:subset]
+            mod = stage_module(name)
+            if hasattr(mod, "Worker"):
+                ctx.out.prepare(mod.FIELDS)
+                worker = mod.Worker(cfg, ctx)
+                ctx.out.write_manifest(process_images(worker, ctx.out.pending(ctx.ids)))
+                summary = dict(mod.finalize(cfg, ctx) or {})
+            else:
+                summary = dict(mod.run(cfg, ctx) or {})
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        q.put(("ok", summary, time.perf_counter() - t, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime))
     except BaseException as e:  # report to the parent, which raises
-        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0.0))
+        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0.0, 0.0))
 
 
-def run_part(name: str, cfg_dict: dict, store: str, threads: int) -> tuple[dict, float, float]:
+def run_part(name: str, cfg_dict: dict, store: str, threads: int, subset: int | None) -> tuple[dict, float, float, float]:
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(name, cfg_dict, store, threads, q))
+    p = ctx.Process(target=_child, args=(name, cfg_dict, store, threads, subset, q))
     p.start()
-    status, payload, seconds, rss = q.get()
+    status, payload, seconds, rss, cpu = q.get()
     p.join()
     if status != "ok":
         raise RuntimeError(f"stage {name} failed: {payload}")
-    return payload, seconds, rss
+    return payload, seconds, rss, cpu
 
 
 def main(argv=None) -> dict:
@@ -74,10 +90,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--epochs", type=float, default=None, help="override cam.train.epochs (same for every variant)")
+    ap.add_argument("--epochs", type=float, default=3,
+                    help="cam.train.epochs for every variant (0 = the config's); NOTES.md: CAMs peak early")
+    ap.add_argument("--warmup-epochs", type=float, default=1,
+                    help="cam.contrast.warmup_epochs for the budget (negative = the config's)")
+    ap.add_argument("--seed-list", default=None, help="run these seeds (comma list) instead of range(--seeds)")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="combine the runs of earlier --json outputs (e.g. seeds run in parallel) instead of running")
     ap.add_argument("--variants", default="baseline,rca", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--work", default="bench/out/cam_ablation", help="scratch dir (its store is wiped first)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per part")
+    ap.add_argument("--subset", type=int, default=400,
+                    help="memory build, CAM inference and evaluation on the first N training images (0 = all); "
+                         "training always uses the whole split")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key.sub=value")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -87,20 +112,34 @@ def main(argv=None) -> dict:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     t0 = time.time()
     store = str(Path(args.work) / "store")
-    shutil.rmtree(store, ignore_errors=True)
+    if args.merge is None:
+        shutil.rmtree(store, ignore_errors=True)
     base_over = parse_overrides(args.set)
-    if args.epochs is not None:
+    if args.epochs:
         base_over = deep_update(base_over, {"cam": {"train": {"epochs": args.epochs}}})
+    if args.warmup_epochs >= 0:
+        base_over = deep_update(base_over, {"cam": {"contrast": {"warmup_epochs": args.warmup_epochs}}})
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     runs, rows = [], []
-    for seed in range(args.seeds):
+    if args.merge is not None:
+        seeds, extra_seconds = [], 0.0
+        for path in args.merge:
+            part = json.loads(Path(path).read_text())
+            runs += part["runs"]
+            extra_seconds = max(extra_seconds, part["seconds"])  # parts ran side by side: wall = the longest
+        runs.sort(key=lambda r: (r["seed"], variants.index(r["variant"]) if r["variant"] in variants else 99))
+        runs = [r for r in runs if r["variant"] in variants]
+        t0 -= extra_seconds
+    for seed in seeds:
         for v in variants:
             over = deep_update(base_over, {"seed": seed, "store": store, "cam": VARIANTS[v]})
             cfg = load_config(args.config, over)
             cfg_dict = cfg.model_dump(mode="json")
             run = {"variant": v, "seed": seed}
             for name in STAGES:
-                summary, seconds, rss = run_part(name, cfg_dict, store, args.threads)
+                summary, seconds, rss, cpu = run_part(name, cfg_dict, store, args.threads, args.subset)
                 run[f"{name}_s"] = round(seconds, 1)
+                run[f"{name}_cpu_s"] = round(cpu, 1)
                 run[f"{name}_rss_mib"] = round(rss)
                 if name == "cam_train":
                     run["epochs"] = summary.get("epochs_done")
@@ -115,21 +154,30 @@ def main(argv=None) -> dict:
                     run["recall"] = summary["recall"]
                     run["curve"] = summary["curve"]
             runs.append(run)
-            rows.append({k: run[k] for k in ["variant", "seed", "epochs", "final_map", "miou", "threshold",
-                                             "precision", "recall"] + [f"{s}_s" for s in STAGES]
-                         + [f"{s}_rss_mib" for s in STAGES]})
             print(f"[cam_ablation] seed {seed} {v}: mIoU {run['miou']:.4f} at t={run['threshold']} "
                   f"(train {run['cam_train_s']} s)", flush=True)
+    for run in runs:
+        rows.append({k: run.get(k) for k in ["variant", "seed", "epochs", "final_map", "miou", "threshold",
+                                             "precision", "recall"] + [f"{s}_s" for s in STAGES]
+                     + [f"{s}_cpu_s" for s in STAGES] + [f"{s}_rss_mib" for s in STAGES]})
+
+    def mean(key, v):
+        vals = [r[key] for r in runs if r["variant"] == v and r.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    def peak(key, v):
+        vals = [r[key] for r in runs if r["variant"] == v and r.get(key) is not None]
+        return max(vals) if vals else None
+
     summary_rows = []
     for v in variants:
         m = [r["miou"] for r in runs if r["variant"] == v]
         summary_rows.append({"variant": v, "seeds": len(m), "miou_mean": statistics.fmean(m),
                              "miou_std": statistics.stdev(m) if len(m) > 1 else 0.0,
                              "miou_min": min(m), "miou_max": max(m),
-                             **{f"{s}_s_mean": statistics.fmean(r[f"{s}_s"] for r in runs if r["variant"] == v)
-                                for s in STAGES},
-                             **{f"{s}_rss_mib_max": max(r[f"{s}_rss_mib"] for r in runs if r["variant"] == v)
-                                for s in STAGES}})
+                             **{f"{s}_s_mean": mean(f"{s}_s", v) for s in STAGES},
+                             **{f"{s}_cpu_s_mean": mean(f"{s}_cpu_s", v) for s in STAGES},
+                             **{f"{s}_rss_mib_max": peak(f"{s}_rss_mib", v) for s in STAGES}})
     seconds = time.time() - t0
     result = {f"{v}_miou": [r["miou"] for r in runs if r["variant"] == v] for v in variants}
     result["threshold"] = [r["threshold"] for r in runs if r["variant"] == ("rca" if "rca" in variants else variants[0])]
