@@ -8,7 +8,7 @@ Stages run through `rca_core.stages.run_stage` in the config's store, so stored 
 and trained segmenters of the same config are reused (their timings come from the stored summaries).
 `--wsss-labels gt` is a fallback for when no pseudo-masks can be made: both runs then train on ground
 truth, the output says so in capitals, and the ratio means nothing.
-The default budget (`--epochs 3`, not the config's segmenter.epochs) keeps this to minutes on 2 CPU cores;
+The default budget (`--epochs 2`, not the config's segmenter.epochs) keeps this to minutes on 2 CPU cores;
 `--epochs 0` uses the config's value. Prediction throughput: `predict_folder` over val images (read JPEG,
 predict in batches, write palette PNG + overlay), with one corrupt file among them that must be reported.
 """
@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--wsss-labels", choices=["pseudo", "gt"], default="pseudo",
                     help="pseudo: the random_walk pseudo-masks (reused if stored, else computed); "
                          "gt: FALLBACK, ground truth (not weakly supervised)")
-    ap.add_argument("--epochs", type=float, default=3, help="segmenter epochs (0 = the config's value)")
+    ap.add_argument("--epochs", type=float, default=2, help="segmenter epochs (0 = the config's value)")
     ap.add_argument("--max-seconds", type=float, default=None, help="cap per segmenter training")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared 2-core machine: 1)")
     ap.add_argument("--predict-images", type=int, default=200, help="val images for the throughput run")

@@ -231,9 +231,11 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             loss_sum += float(loss.detach())
             loss_n += 1
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
-            if seg.max_seconds is not None and time.time() - t_start > seg.max_seconds:
-                stopped_early = True
-                break
+            if seg.max_seconds is not None:
+                over = float(time.time() - t_start > seg.max_seconds)
+                if tu.all_reduce_mean(over, device) > 0:  # every rank stops at the same step (DDP)
+                    stopped_early = True
+                    break
         row = {"epoch": epoch + 1, "loss": tu.all_reduce_mean(loss_sum / max(1, loss_n), device),
                "lr": float(lr) if steps_here else float("nan"), "steps": steps_here,
                "seconds": time.time() - t_epoch}
