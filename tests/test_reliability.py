@@ -293,14 +293,16 @@ def _other_width_state(cfg) -> dict:
     return CamNet(other, cfg.data.num_classes).state_dict()
 
 
-NOT_NAMED = ("load_cam_net / train_utils.load_checkpoint do not name the file when load_state_dict fails "
-             "or (load_cam_net) when torch.load fails; fix outside tests (rca_core/models/cam_net.py, "
-             "rca_core/train_utils.py)")
+MODEL_TRUNCATED = ("load_cam_net catches only FileNotFoundError around torch.load: a cut-short model.pt fails with "
+                   "PyTorch's 'PytorchStreamReader failed reading zip archive' and no file name "
+                   "(fix in rca_core/models/cam_net.py)")
+CKPT_OTHER_ARCH = ("train_utils.load_checkpoint wraps only torch.load: load_state_dict's 'size mismatch' error "
+                   "(hundreds of lines) does not name checkpoint.pt (fix in rca_core/train_utils.py)")
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("other_architecture", marks=pytest.mark.xfail(strict=True, reason=NOT_NAMED)),
-    pytest.param("truncated", marks=pytest.mark.xfail(strict=True, reason=NOT_NAMED)),
+    "other_architecture",
+    pytest.param("truncated", marks=pytest.mark.xfail(strict=True, reason=MODEL_TRUNCATED)),
 ])
 def test_bad_trained_model_file_for_a_downstream_stage(base, tmp_path, kind):
     """cam_train's model.pt replaced (another backbone width) or cut short: memory_build names the file."""
@@ -320,7 +322,7 @@ def test_bad_trained_model_file_for_a_downstream_stage(base, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("other_architecture", marks=pytest.mark.xfail(strict=True, reason=NOT_NAMED)),
+    pytest.param("other_architecture", marks=pytest.mark.xfail(strict=True, reason=CKPT_OTHER_ARCH)),
     "truncated",
 ])
 def test_bad_resume_checkpoint_of_a_training_stage(base, tmp_path, kind):
