@@ -411,3 +411,17 @@ def test_local_ray_listens_on_loopback_only():
     assert r.returncode == 0, r.stderr[-3000:]
     addresses = json.loads(r.stdout.strip().splitlines()[-1])
     assert addresses and all(a in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for a in addresses), addresses
+
+
+@pytest.mark.slow
+def test_prefect_server_listens_on_loopback_only(prefect_server):
+    """The Prefect server the tests and `rca run` start (flows.prefect_server) binds to 127.0.0.1 only."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
+    import psutil
+
+    port = int(prefect_server.rsplit(":", 1)[1].split("/")[0])
+    api = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert api, f"nothing listens on port {port}"
+    pids = {c.pid for c in api}
+    addresses = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
