@@ -115,5 +115,11 @@ def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.devi
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"trained CAM model not found: {path} (run the cam_train stage first)") from None
-    net.load_state_dict(sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a training checkpoint also works
+        sd = sd["model"]
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"trained CAM model {path} does not fit the configured network (cam section changed?): "
+                         f"{str(e).splitlines()[0]}") from e
     return net.to(device).eval()
