@@ -40,6 +40,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared 2-core machine: 1)")
     ap.add_argument("--predict-images", type=int, default=200, help="val images for the throughput run")
     ap.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set data.demo.n_train=400 (repeatable)")
     ap.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
     args = ap.parse_args(argv)
 
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
     os.chdir(ROOT)  # relative paths of the config (data root, store) are relative to the repo root
     import torch
 
-    from rca_core.config import load_config
+    from rca_core.config import load_config, parse_overrides
+    from rca_core.config.base import deep_update
     from rca_core.predict import predict_folder
     from rca_core.stages import plan, run_stage
     from rca_core.store import ArtifactStore
@@ -61,6 +64,7 @@ def main(argv=None) -> dict:
         over["segmenter"]["max_seconds"] = args.max_seconds
     if args.store:
         over["store"] = args.store
+    over = deep_update(parse_overrides(args.overrides), over)
     base = load_config(config_path, over)
     store = ArtifactStore(base.store)
     runs = {}
