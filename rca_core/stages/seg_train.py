@@ -181,7 +181,7 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
     ckpt = ctx.out.path_for(CHECKPOINT)
-    info = tu.load_checkpoint(ckpt, model, optimizer, map_location=device)
+    info = tu.load_checkpoint(ckpt, model, optimizer, map_location="cpu")  # RNG states must stay on the CPU
     start_epoch, step, history = 0, 0, []
     if info is not None:
         start_epoch, step = info["epoch"], info["step"]
