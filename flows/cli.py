@@ -23,10 +23,22 @@ def _load(config: str, overrides: Optional[List[str]]):
     from rca_core.config import ConfigError, load_config, parse_overrides, resolve_paths
 
     try:
-        return resolve_paths(load_config(config, parse_overrides(overrides or [])))
+        cfg = resolve_paths(load_config(config, parse_overrides(overrides or [])))
     except ConfigError as e:
-        typer.secho(str(e), fg="red", err=True)
+        msg = str(e)
+        if overrides:
+            msg = msg.replace(f"invalid config {config}:", f"invalid config {config} with --set {' '.join(overrides)}:")
+        typer.secho(msg, fg="red", err=True)
         raise typer.Exit(2)
+    if cfg.ray.address:  # fail in seconds, before Prefect starts, on a dead cluster address
+        from tasks.ray_runtime import check_reachable
+
+        try:
+            check_reachable(cfg.ray.address)
+        except RuntimeError as e:
+            typer.secho(str(e), fg="red", err=True)
+            raise typer.Exit(2)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ data

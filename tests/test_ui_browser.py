@@ -141,3 +141,27 @@ def test_custom_run_from_the_ui(served):
         rpage.screenshot(path=str(OUT / "report.png"), full_page=True)
         browser.close()
     assert console_errors == [], console_errors
+
+
+def test_wrong_value_is_refused_naming_the_field(served):
+    """What the form does on submit: the server validates the typed parameters and refuses a bad one."""
+    import httpx
+
+    api, dep = served["api"], served["deployment"]
+    params = dict(dep["parameters"])
+    params["config"] = {**params["config"], "cam": {**params["config"]["cam"],
+                                                    "train": {**params["config"]["cam"]["train"], "batch_size": "many"}}}
+    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}, timeout=30)
+    assert r.status_code == 409, r.text
+    assert "many" in r.text and "integer" in r.text
+    # a value the schema allows but the model refuses fails the run at once, naming the field
+    params["config"]["cam"]["train"]["batch_size"] = 8
+    params["config"]["cam"]["train"]["lr"] = -1.0
+    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}, timeout=30)
+    if r.status_code == 409:  # the JSON schema already carries the bound (exclusiveMinimum)
+        assert "-1" in r.text and "exclusiveMinimum" in r.text or "greater than" in r.text, r.text
+        return
+    fr = prefect_api.wait_flow_run(api, r.json()["id"], timeout=300)
+    assert fr["state"]["type"] in ("FAILED", "CRASHED")
+    msg = fr["state"].get("message") or ""
+    assert "lr" in msg and "greater than 0" in msg, msg

@@ -129,6 +129,9 @@ def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[st
     plans = plans or plan(cfg)
     p = plans[name]
     ds = make_dataset(cfg.data, p.split)
+    if not ds.ids:
+        split_file = f"{cfg.data.root}/ImageSets/Segmentation/{p.split}.txt"
+        raise ValueError(f"stage {name}: split {p.split!r} lists no images ({split_file}); nothing to run on")
     return StageContext(
         out=store.stage(name, p.fingerprint),
         inputs={i: store.stage(i, fp) for i, fp in p.inputs.items()},
