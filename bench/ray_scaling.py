@@ -92,7 +92,7 @@ def main():
              f"shutdown {ray_info['ray_shutdown_s']:.1f} s. Stage time = Worker build in each worker process + "
              f"all shards + finalize in the driver. Median of {args.repeat} run(s) per setting.")
     report(f"Ray scaling of the per-image stages ({w_lo} -> {w_hi} workers)", rows, result, args.json,
-           append=not args.no_append, notes=notes)
+           append=not args.no_append, notes=notes + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":

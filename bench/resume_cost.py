@@ -190,7 +190,7 @@ def main():
              + (f" NOTE: the manifest holds {manifest_rows} rows for {n} images (rows of the killed shards' finished "
                 f"images are not rewritten on resume)." if manifest_rows != n else ""))
     report(f"Resume cost after kill -9 in the middle of {args.stage}", rows, result, args.json,
-           append=not args.no_append, notes=notes)
+           append=not args.no_append, notes=notes + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def add_config_args(ap: argparse.ArgumentParser, train_epochs: float | None = 1.
                     help="cap the epochs of the training stages (cam_train, affinity_train, seg_train); 0 = as configured")
     ap.add_argument("--json", default=None, help="write the figures (and goals) here")
     ap.add_argument("--no-append", action="store_true", help="do not append the table to docs/benchmarks.md")
+    ap.add_argument("--note", default="", help="a remark appended to the notes (e.g. 'measured while the machine was busy')")
 
 
 def bench_config(config: str, images: int | None = None, train_epochs: float | None = None, store: Path | None = None,
@@ -226,7 +227,7 @@ def main():
     table = [{k: r[k] for k in ("stage", "mode", "images", "seconds", "images_per_s_per_worker", "compute_images_per_s",
                                 "ms_per_image", "processes")} for r in rows]
     report("Per-image stage throughput (images/s per worker)", table, result, args.json,
-           append=not args.no_append, notes=notes)
+           append=not args.no_append, notes=notes + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":
