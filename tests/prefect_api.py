@@ -16,11 +16,15 @@ def flow_runs(api: str, flow_name: str) -> list[dict]:
     return _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_DESC"})
 
 
-def task_runs_since(api: str, t0: float) -> list[dict]:
-    runs = _post(api, "/task_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+def created_ts(obj: dict) -> float:
     from datetime import datetime
 
-    return [r for r in runs if datetime.fromisoformat(r["created"].replace("Z", "+00:00")).timestamp() >= t0]
+    return datetime.fromisoformat(obj["created"].replace("Z", "+00:00")).timestamp()
+
+
+def task_runs_since(api: str, t0: float) -> list[dict]:
+    runs = _post(api, "/task_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+    return [r for r in runs if created_ts(r) >= t0]
 
 
 def artifacts(api: str, key: str) -> list[dict]:
