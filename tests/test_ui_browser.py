@@ -115,6 +115,7 @@ def test_custom_run_from_the_ui(served):
         # the run page after completion, with its artifacts tab
         page.goto(f"{ui}/runs/flow-run/{run_id}")
         page.get_by_text("Completed").first.wait_for(timeout=30000)
+        page.wait_for_timeout(4000)
         page.screenshot(path=str(OUT / "finished_run.png"), full_page=False)
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("rca-metrics").first.wait_for(timeout=30000)
@@ -130,6 +131,7 @@ def test_custom_run_from_the_ui(served):
             assert states.get(stage) == "Cached", states
         page.goto(f"{ui}/runs/flow-run/{fr2['id']}")
         page.get_by_text("Completed").first.wait_for(timeout=30000)
+        page.wait_for_timeout(4000)  # the run graph is drawn on a canvas after the page settles
         page.screenshot(path=str(OUT / "second_run_cached.png"), full_page=False)
 
         # the run report (written by the pipeline) renders: tables and images, no console error
