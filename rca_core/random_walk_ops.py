@@ -146,12 +146,20 @@ def cam_scores_on_grid(cams: torch.Tensor, bg_alpha: float, grid: tuple[int, int
 
 
 def scores_to_mask(scores: torch.Tensor, classes: list[int], size: tuple[int, int],
-                   uncertain_threshold: float | None = None) -> np.ndarray:
+                   uncertain_threshold: float | None = None, crf=None) -> np.ndarray:
     """(K+1, h, w) propagated scores -> (H, W) uint8 class-id mask (bilinear upsampling, argmax).
 
     With `uncertain_threshold`, a pixel whose winning share of the summed scores is below it gets 255.
+    With `crf` = (image, CrfConfig), the per-pixel normalised scores first go through the dense CRF.
     """
     up = F.interpolate(scores.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]
+    if crf is not None:
+        from rca_core.crf import dense_crf
+
+        image, crf_cfg = crf
+        up = up.clamp_min(0)
+        probs = (up / up.sum(0, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+        up = torch.from_numpy(dense_crf(image, probs, crf_cfg))
     best, arg = up.max(0)
     keys = torch.as_tensor([0] + list(classes), device=arg.device)
     mask = keys[arg].to(torch.uint8)
@@ -163,9 +171,11 @@ def scores_to_mask(scores: torch.Tensor, classes: list[int], size: tuple[int, in
 
 def random_walk_mask(cams: torch.Tensor, classes: list[int], aff: torch.Tensor, *, radius: int, beta: float,
                      logt: int, bg_alpha: float, uncertain_threshold: float | None = None,
-                     method: Method = "sparse") -> np.ndarray:
-    """Full-size CAMs (K, H, W) + grid affinities (P, h, w) -> pseudo-mask (H, W) uint8 (255 = uncertain)."""
+                     method: Method = "sparse", crf=None) -> np.ndarray:
+    """Full-size CAMs (K, H, W) + grid affinities (P, h, w) -> pseudo-mask (H, W) uint8 (255 = uncertain).
+
+    `crf`: optional (image, CrfConfig) for a dense CRF on the walk's scores before the argmax."""
     grid = tuple(aff.shape[1:])
     scores = cam_scores_on_grid(cams.to(aff.device), bg_alpha, grid)
     rw = propagate(scores, aff, radius, beta, logt, method)
-    return scores_to_mask(rw, classes, tuple(cams.shape[1:]), uncertain_threshold)
+    return scores_to_mask(rw, classes, tuple(cams.shape[1:]), uncertain_threshold, crf)

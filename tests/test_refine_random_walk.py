@@ -78,3 +78,20 @@ def test_scores_to_mask_uncertain():
     assert m[0, 0] == 0 and m[0, 1] == 4 and m[1, 0] == 6
     m = scores_to_mask(s, [4, 6], (2, 2), uncertain_threshold=0.6)
     assert m[1, 1] == IGNORE and m[0, 1] == 4
+
+
+def test_crf_postprocess_snaps_to_colour_edges():
+    from rca_core.config.refine import CrfConfig
+
+    h, w = 32, 32
+    img = np.full((h, w, 3), 30, np.uint8)
+    img[:, 13:] = 220                                 # colour edge at x = 13
+    s = torch.zeros(2, 8, 8)                          # coarse scores: class boundary at x = 16
+    s[0, :, :4] = 1.0
+    s[1, :, 4:] = 1.0
+    plain = scores_to_mask(s, [2], (h, w))
+    snapped = scores_to_mask(s, [2], (h, w), crf=(img, CrfConfig()))
+    truth = np.zeros((h, w), np.uint8)
+    truth[:, 13:] = 2
+    assert (plain != truth).sum() > 0
+    assert (snapped != truth).sum() < (plain != truth).sum()

@@ -75,6 +75,8 @@ def test_affinity_train_checkpoint_resume(setup, tmp_path):
         full = run_stage(name, cfg, store, with_upstream=False, show_progress=False)
     ctx = make_context("affinity_train", cfg, store, p)
     assert full["epochs"] == 2 and full["steps"] == full["max_steps"] > 0
+    hist = ctx.out.read_table("history").to_pylist()
+    assert [r["epoch"] for r in hist] == [1, 2] and all(np.isfinite(r["loss"]) for r in hist)
     w_full = torch.load(ctx.out.path_for("model.pt"), weights_only=True)["model"]
 
     other = ArtifactStore(tmp_path / "store2")

@@ -31,8 +31,9 @@ class AffinityConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(512, ge=16)
     lr: float = Field(0.1, gt=0, description="base lr (backbone); new layers get lr_mult_new x")
-    lr_mult_new: float = Field(10.0, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["auto", "sgd", "adamw"] = Field(
+        "auto", description="auto: PSA's SGD (momentum 0.9) with pretrained backbone weights, AdamW from scratch")
+    lr_mult_new: float | None = Field(None, gt=0, description="lr multiplier of the new layers; None: 10 (SGD), 1 (AdamW)")
     weight_decay: float = Field(1e-4, ge=0)
     scale_range: tuple[float, float] = Field((0.9, 1.1), description="random rescale of training images")
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
@@ -46,6 +47,8 @@ class RandomWalkConfig(StrictModel):
     uncertain_threshold: float | None = Field(None, ge=0, le=1,
                                               description="a pixel whose winning share of the propagated scores is below this gets 255")
     method: Literal["sparse", "banded", "dense"] = Field("sparse", description="how the transition matrix is applied")
+    crf_postprocess: bool = Field(False, description="dense CRF (refine.crf kernels) on the normalised walk scores "
+                                                     "before the argmax (PSA's 'AffinityNet + dCRF')")
     export_png: bool = Field(True, description="also write VOC palette PNGs of the pseudo-masks")
 
 

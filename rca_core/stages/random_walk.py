@@ -1,7 +1,8 @@
 """Stage random_walk: per image, AffinityNet affinities on the feature grid, random walk of the CAM scores
 ([(1 - max)^bg_alpha ; CAMs], area-pooled to the grid), bilinear upsampling, argmax -> "pseudo_mask"
 (H, W) uint8, 255 where the winning share of the propagated scores is under
-refine.random_walk.uncertain_threshold (off by default, as PSA/IRN).
+refine.random_walk.uncertain_threshold (off by default, as PSA/IRN). With refine.random_walk.crf_postprocess
+the per-pixel normalised walk scores go through the dense CRF (refine.crf kernels) before the argmax.
 
 With refine.saliency.enabled, the pseudo-mask is instead RCA's gen_labels fusion of the CRF'd CAMs with
 the saliency map data.saliency_dir/<id>.png (rca_core/saliency.py); AffinityNet is then not used.
@@ -58,7 +59,8 @@ class Worker:
             rw = self.cfg.refine.random_walk
             mask = random_walk_mask(torch.from_numpy(cams), classes, self.affinities(image),
                                     radius=self.cfg.refine.affinity.radius, beta=rw.beta, logt=rw.logt,
-                                    bg_alpha=rw.bg_alpha, uncertain_threshold=rw.uncertain_threshold, method=rw.method)
+                                    bg_alpha=rw.bg_alpha, uncertain_threshold=rw.uncertain_threshold, method=rw.method,
+                                    crf=(image, self.cfg.refine.crf) if rw.crf_postprocess else None)
         self.ctx.out.write(image_id, {"pseudo_mask": mask}, attrs={"classes": classes})
         if self.cfg.refine.random_walk.export_png:
             export_png(self.ctx.out, image_id, mask)
