@@ -7,7 +7,7 @@ with its own fresh store (the demo data set is generated once beforehand, outsid
 - pipeline: flows.pipeline.pipeline(config=cfg) against a local Prefect server (127.0.0.1): a local Ray
   session, one stage flow + cached task per stage, per-image stages in shards over Ray tasks,
   training stages under Ray Train, progress and table artifacts, the run report.
-Both use the same parallelism by default (--workers 1: one Ray worker, and one torch thread per
+--images N scales the val split with the train split. Both use the same parallelism by default (--workers 1: one Ray worker, and one torch thread per
 process on both sides), so the difference is what Prefect and Ray add (Ray start/stop, worker
 processes and model loads, Ray Train worker groups, Prefect API calls, result persistence), not
 extra cores. Times start after the imports in each subprocess. The Prefect server's start-up is
@@ -90,7 +90,7 @@ def main():
     from flows.prefect_server import local_prefect_server
     from rca_core.data import make_dataset
 
-    probe = bench_config(args.config, args.images, args.train_epochs, workers=args.workers)
+    probe = bench_config(args.config, args.images, args.train_epochs, workers=args.workers, scale_val=True)
     work = BENCH_RUNS / "overhead" / f"{probe.name}-{probe.data.demo.n_train}-w{args.workers}"
     if work.exists():
         shutil.rmtree(work)
