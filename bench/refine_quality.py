@@ -69,11 +69,12 @@ SECTIONS = {"crf_labels": lambda c: {"crf": c.refine.crf}, "affinity_train": lam
             "random_walk": lambda c: {"rw": c.refine.random_walk, "sal": c.refine.saliency}}
 
 
-def noisy_plans(cfg) -> dict[str, StagePlan]:
-    """The real plan with cam_infer replaced by the noisy-CAM stage; the refinement keys are computed as
-    rca_core.stages.plan does (name, CODE_VERSION, config section, data, seed, input keys), from the noisy CAMs."""
+def noisy_plans(cfg, cam_fp: str | None = None) -> dict[str, StagePlan]:
+    """The real plan with cam_infer replaced by the noisy-CAM stage (or the cam_infer output `cam_fp`); the
+    refinement keys are computed as rca_core.stages.plan does (name, CODE_VERSION, config section, data,
+    seed, input keys), from those CAMs."""
     real = plan(cfg)
-    cam_fp = "noisy-" + fingerprint("noisy_cams", NOISE, data_identity(cfg), cfg.seed)
+    cam_fp = cam_fp or "noisy-" + fingerprint("noisy_cams", NOISE, data_identity(cfg), cfg.seed)
     plans = dict(real)
     plans["cam_infer"] = StagePlan("cam_infer", cam_fp, {}, real["cam_infer"].split, real["cam_infer"].module)
     for name in REFINE:
@@ -164,6 +165,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", required=True)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--noisy-cams", action="store_true", help="CAMs made from the ground-truth masks with noise")
+    ap.add_argument("--cam-key", metavar="FINGERPRINT",
+                    help="use the complete cam_infer/FINGERPRINT of the store (e.g. CAMs of an earlier code version)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. refine.random_walk.logt=6")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: compute.threads or 1)")
     ap.add_argument("--no-doc", action="store_true", help="do not append the table to docs/benchmarks.md")
@@ -176,9 +179,13 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, parse_overrides(args.set) if args.set else None)
     torch.set_num_threads(args.threads or cfg.compute.threads or 1)
     store = ArtifactStore(cfg.store)
-    if args.noisy_cams:
-        plans = noisy_plans(cfg)
-        write_noisy_cams(cfg, store, plans)
+    if args.noisy_cams or args.cam_key:
+        plans = noisy_plans(cfg, args.cam_key)
+        if args.cam_key:
+            if not store.stage("cam_infer", args.cam_key).is_complete():
+                raise SystemExit(f"cam_infer/{args.cam_key} is not complete in {store.url}")
+        else:
+            write_noisy_cams(cfg, store, plans)
         for name in REFINE:
             run_planned(name, cfg, store, plans)
     else:
@@ -202,7 +209,7 @@ def main(argv=None) -> dict:
     aff = outs["affinity_train"].summary()
     result["affinity_train"] = {k: aff.get(k) for k in ("steps", "epochs", "train_seconds", "final_loss")}
     result["setup"] = {"config": args.config, "overrides": args.set, "cams": "noisy (from masks)" if args.noisy_cams
-                       else "CAM stage", "split": cfg.data.eval_split, "images": len(ids),
+                       else f"CAM stage ({'cam_infer/' + args.cam_key if args.cam_key else 'this config'})", "split": cfg.data.eval_split, "images": len(ids),
                        "stage_keys": {n: o.key for n, o in outs.items()}}
     result["goal_crf_beats_cam"] = goal("CRF labels beat raw CAMs (mIoU, all pixels)",
                                         f"{result['crf']['miou_all']:.3f} vs {result['cam']['miou_all']:.3f}",
