@@ -197,7 +197,7 @@ def _print_table(res: dict, cfg) -> None:
 
 
 @app.command("predict")
-def predict(checkpoint: Path = typer.Argument(..., help="segmenter model.pt (seg_train stage files/)"),
+def predict(checkpoint: Path = typer.Argument(..., help="segmenter.pt in the seg_train stage's files/ folder"),
             inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
             out: Path = typer.Option(..., "--out", "-o", help="output folder (masks/ and overlays/)"),
             batch_size: int = typer.Option(8, help="images per forward pass"),

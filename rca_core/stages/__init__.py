@@ -28,9 +28,9 @@ _REGISTRY: dict[str, tuple[str, tuple[str, ...], Callable[[RunConfig], Any], str
     "random_walk": ("rca_core.stages.random_walk", ("cam_infer", "affinity_train"),
                     lambda c: {"rw": c.refine.random_walk, "sal": c.refine.saliency}, "train_split"),
     "seg_train": ("rca_core.stages.seg_train", ("random_walk",), lambda c: {"seg": c.segmenter.model_dump(
-        exclude={"eval_scales", "eval_flip", "eval_crf"})}, "train_split"),
+        exclude={"eval_scales", "eval_flip", "eval_crf", "eval_crf_params"})}, "train_split"),
     "seg_eval": ("rca_core.stages.seg_eval", ("seg_train",), lambda c: {"seg_eval": c.segmenter.model_dump(
-        include={"eval_scales", "eval_flip", "eval_crf"})}, "val_split"),
+        include={"eval_scales", "eval_flip", "eval_crf", "eval_crf_params"})}, "val_split"),
 }
 STAGES: list[str] = list(_REGISTRY)
 
