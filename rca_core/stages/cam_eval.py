@@ -26,7 +26,7 @@ def evaluate(cams_out, dataset, ids: list[str], num_classes: int, thresholds: li
     if missing:
         raise ValueError(f"cam_eval: {len(missing)} images of the evaluation split have no CAMs in "
                          f"{cams_out.key} (e.g. {missing[:3]}); data.eval_split must be a subset of the CAM split")
-    for image_id in progress(ids, desc="cam_eval", disable=not show_progress):
+    for image_id in progress(ids, desc="cam_eval", disable=None if show_progress else True):
         cam, attrs = cams_out.read(image_id, "cam")
         gt = dataset.mask(image_id)
         if cam.shape[1:] != gt.shape:
