@@ -177,10 +177,16 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
                            "delete it to start this stage afresh") from e
-    if model is not None:
-        unwrap(model).load_state_dict(obj["model"])
-    if optimizer is not None and "optimizer" in obj:
-        optimizer.load_state_dict(obj["optimizer"])
+    try:
+        if model is not None:
+            unwrap(model).load_state_dict(obj["model"])
+        if optimizer is not None and "optimizer" in obj:
+            optimizer.load_state_dict(obj["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        raise RuntimeError(f"checkpoint {path} does not fit this model/optimizer (config changed since it was "
+                           f"written?): {type(e).__name__}: {' '.join(l.strip() for l in first[:2])} ...; delete it to start "
+                           "this stage afresh") from e
     if restore_rng and "rng" in obj:
         set_rng_state(obj["rng"])
     return {"epoch": int(obj["epoch"]), "step": int(obj["step"]), "extra": obj.get("extra", {}), "model": obj["model"]}

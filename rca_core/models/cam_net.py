@@ -115,6 +115,9 @@ def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.devi
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"trained CAM model not found: {path} (run the cam_train stage first)") from None
+    except Exception as e:  # cut short, not a torch file, ...
+        raise ValueError(f"trained CAM model {path} could not be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run the cam_train stage") from e
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a training checkpoint also works
         sd = sd["model"]
     try:
