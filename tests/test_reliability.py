@@ -290,16 +290,9 @@ def _other_width_state(cfg) -> dict:
     return CamNet(other, cfg.data.num_classes).state_dict()
 
 
-MODEL_TRUNCATED = ("load_cam_net catches only FileNotFoundError around torch.load: a cut-short model.pt fails with "
-                   "PyTorch's 'PytorchStreamReader failed reading zip archive' and no file name "
-                   "(fix in rca_core/models/cam_net.py)")
-CKPT_OTHER_ARCH = ("train_utils.load_checkpoint wraps only torch.load: load_state_dict's 'size mismatch' error "
-                   "(hundreds of lines) does not name checkpoint.pt (fix in rca_core/train_utils.py)")
-
-
 @pytest.mark.parametrize("kind", [
     "other_architecture",
-    pytest.param("truncated", marks=pytest.mark.xfail(strict=True, reason=MODEL_TRUNCATED)),
+    "truncated",
 ])
 def test_bad_trained_model_file_for_a_downstream_stage(base, tmp_path, kind):
     """cam_train's model.pt replaced (another backbone width) or cut short: memory_build names the file."""
@@ -319,7 +312,7 @@ def test_bad_trained_model_file_for_a_downstream_stage(base, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("other_architecture", marks=pytest.mark.xfail(strict=True, reason=CKPT_OTHER_ARCH)),
+    "other_architecture",
     "truncated",
 ])
 def test_bad_resume_checkpoint_of_a_training_stage(base, tmp_path, kind):
