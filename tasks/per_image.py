@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from rca_core.config import RunConfig
-from rca_core.stages import make_context, plan, process_images, stage_module
+from rca_core.stages import backfill_manifest, make_context, plan, process_images, stage_module
 from rca_core.store import ArtifactStore
 
 from .ray_runtime import gpus_per_worker
@@ -58,6 +58,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
     t0 = time.time()
     out.prepare(getattr(mod, "FIELDS", ()))
     todo = out.pending(ctx.ids, verify=True)
+    backfill_manifest(out, ctx.ids, todo)
     shards = [todo[i:i + cfg.ray.shard_size] for i in range(0, len(todo), cfg.ray.shard_size)]
     gpus = gpus_per_worker(cfg.ray)
     remote = ray.remote(max_retries=3)(_shard_fn).options(

@@ -102,6 +102,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     for finished in ["cam_train", "memory_build", "cam_infer", "cam_eval", "crf_labels", "affinity_train"]:
         assert tasks.get(finished) == "Cached", tasks
     assert tasks.get("random_walk") == "Completed"
+    assert sorted(rw.manifest().column("image_id").to_pylist()) == sorted(f"train_{i:05d}" for i in range(n))
     assert per_image_outputs(cfg_path) == per_image_outputs(reference_run["config"])
 
 

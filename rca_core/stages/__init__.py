@@ -176,6 +176,7 @@ def _run_one(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, S
     if hasattr(mod, "Worker"):
         ctx.out.prepare(getattr(mod, "FIELDS", ()))
         todo = ctx.out.pending(ctx.ids, verify=True)
+        backfill_manifest(ctx.out, ctx.ids, todo)
         worker = mod.Worker(cfg, ctx)
         rows = process_images(worker, todo, show_progress=show_progress, desc=name)
         ctx.out.write_manifest(rows)
@@ -191,6 +192,16 @@ def _run_one(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, S
     summary.setdefault("seconds", time.time() - t0)
     ctx.out.mark_complete(summary)
     return summary
+
+
+def backfill_manifest(out: StageOutput, ids: list[str], todo: list[str]) -> int:
+    """Manifest rows for images finished before an interruption whose shard never reported back
+    (their rows are written by the driver only when a shard returns). Returns how many were added."""
+    pending = set(todo)
+    have = set(out.manifest().column("image_id").to_pylist())
+    missing = [i for i in ids if i not in pending and i not in have]
+    out.write_manifest([{"image_id": i, "status": "done (before an interruption; no timing)"} for i in missing])
+    return len(missing)
 
 
 def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
@@ -210,4 +221,4 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
-           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images"]
+           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images", "backfill_manifest"]
