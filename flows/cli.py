@@ -189,7 +189,7 @@ def _print_table(res: dict, cfg) -> None:
         t.add_column(c, justify="left" if c in ("stage", "status") else "right")
     for r in rows:
         t.add_row(*[("" if r.get(c) is None else str(r.get(c))) for c in cols])
-    Console().print(t)
+    Console(width=max(140, Console().width)).print(t)
     typer.echo(f"[rca] wall time per stage above; total {res['seconds']:.0f} s")
     typer.echo(f"[rca] outputs: artifact store {cfg.store}")
     for name, key in res["keys"].items():
