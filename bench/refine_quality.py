@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,8 @@ from common import goal, report  # noqa: E402
 
 from rca_core.config import fingerprint, load_config, parse_overrides  # noqa: E402
 from rca_core.metrics import PseudoMaskScore  # noqa: E402
-from rca_core.stages import (StagePlan, data_identity, make_context, plan, process_images,  # noqa: E402
-                             run_stage, stage_module)
+from rca_core.stages import (StagePlan, data_identity, make_context, plan, run_planned_stage,  # noqa: E402
+                             run_stage, stage_plan)
 from rca_core.store import ArtifactStore  # noqa: E402
 
 REFINE = ("crf_labels", "affinity_train", "random_walk")
@@ -64,23 +63,15 @@ def noisy_cams(mask: np.ndarray, tags: list[int], rng: np.random.Generator, p: d
     return np.stack(out).astype(np.float32) if out else np.zeros((0, h, w), np.float32)
 
 
-# the config sections that shape each refinement stage's outputs (as in rca_core.stages' registry)
-SECTIONS = {"crf_labels": lambda c: {"crf": c.refine.crf}, "affinity_train": lambda c: {"aff": c.refine.affinity},
-            "random_walk": lambda c: {"rw": c.refine.random_walk, "sal": c.refine.saliency}}
-
-
 def noisy_plans(cfg, cam_fp: str | None = None) -> dict[str, StagePlan]:
     """The real plan with cam_infer replaced by the noisy-CAM stage (or the cam_infer output `cam_fp`); the
-    refinement keys are computed as rca_core.stages.plan does (name, CODE_VERSION, config section, data,
-    seed, input keys), from those CAMs."""
+    refinement keys are computed by rca_core.stages.stage_plan from those CAMs."""
     real = plan(cfg)
     cam_fp = cam_fp or "noisy-" + fingerprint("noisy_cams", NOISE, data_identity(cfg), cfg.seed)
     plans = dict(real)
     plans["cam_infer"] = StagePlan("cam_infer", cam_fp, {}, real["cam_infer"].split, real["cam_infer"].module)
     for name in REFINE:
-        inputs = {i: plans[i].fingerprint for i in real[name].inputs}
-        fp = fingerprint(name, stage_module(name).CODE_VERSION, SECTIONS[name](cfg), data_identity(cfg), cfg.seed, inputs)
-        plans[name] = StagePlan(name, fp, inputs, real[name].split, real[name].module)
+        plans[name] = stage_plan(name, cfg, {i: plans[i].fingerprint for i in real[name].inputs})
     return plans
 
 
@@ -99,25 +90,9 @@ def write_noisy_cams(cfg, store: ArtifactStore, plans: dict[str, StagePlan]) -> 
 
 
 def run_planned(name: str, cfg, store: ArtifactStore, plans: dict[str, StagePlan]) -> dict:
-    """Run one stage with the given plan (the same steps as rca_core.stages.run_stage), unless complete."""
-    ctx = make_context(name, cfg, store, plans)
-    if ctx.out.is_complete():
-        return ctx.out.summary()
-    mod = stage_module(name)
-    t0 = time.time()
-    if hasattr(mod, "Worker"):
-        ctx.out.prepare(mod.FIELDS)
-        todo = ctx.out.pending(ctx.ids, verify=True)
-        rows = process_images(mod.Worker(cfg, ctx), todo, show_progress=True, desc=name)
-        ctx.out.write_manifest(rows)
-        summary = dict(mod.finalize(cfg, ctx) or {})
-        summary.setdefault("images", len(ctx.ids))
-    else:
-        ctx.out.prepare(())
-        summary = dict(mod.train(cfg, ctx) or {})
-    summary.setdefault("seconds", time.time() - t0)
-    ctx.out.mark_complete(summary)
-    return summary
+    """Run one stage with the given plan unless complete (rca_core.stages.run_planned_stage)."""
+    out = store.stage(name, plans[name].fingerprint)
+    return out.summary() if out.is_complete() else run_planned_stage(name, cfg, store, plans)
 
 
 # ----------------------------------------------------------------------------- scoring

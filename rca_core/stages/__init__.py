@@ -90,12 +90,17 @@ def plan(cfg: RunConfig) -> dict[str, StagePlan]:
     """Fingerprints of every stage, in dependency order."""
     out: dict[str, StagePlan] = {}
     for name in STAGES:
-        modname, _, section, split_attr = _REGISTRY[name]
         inputs = {i: out[i].fingerprint for i in stage_inputs(name, cfg)}
-        code = getattr(_maybe_module(modname), "CODE_VERSION", "0")
-        fp = fingerprint(name, code, section(cfg), data_identity(cfg), cfg.seed, inputs)
-        out[name] = StagePlan(name, fp, inputs, getattr(cfg.data, split_attr), modname)
+        out[name] = stage_plan(name, cfg, inputs)
     return out
+
+
+def stage_plan(name: str, cfg: RunConfig, inputs: dict[str, str]) -> StagePlan:
+    """One stage's plan given its inputs' keys (e.g. to refine CAMs from another source)."""
+    modname, _, section, split_attr = _REGISTRY[name]
+    code = getattr(_maybe_module(modname), "CODE_VERSION", "0")
+    fp = fingerprint(name, code, section(cfg), data_identity(cfg), cfg.seed, inputs)
+    return StagePlan(name, fp, inputs, getattr(cfg.data, split_attr), modname)
 
 
 def _maybe_module(modname: str):
@@ -161,11 +166,13 @@ def run_stage(name: str, cfg: RunConfig, store: ArtifactStore | str | None = Non
         for i in stage_inputs(n, cfg):
             if not store.stage(i, plans[i].fingerprint).is_complete():
                 raise RuntimeError(f"stage {n} needs {i}, which is not complete in {store.url}")
-        summary = _run_one(n, cfg, store, plans, show_progress)
+        summary = run_planned_stage(n, cfg, store, plans, show_progress)
     return summary
 
 
-def _run_one(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan], show_progress: bool) -> dict:
+def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan],
+                      show_progress: bool = True) -> dict:
+    """Run one stage with the given plans in this process (its inputs must be complete)."""
     import torch
 
     if cfg.compute.threads:
@@ -221,4 +228,5 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
-           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images", "backfill_manifest"]
+           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images", "backfill_manifest", "stage_plan",
+           "run_planned_stage"]
