@@ -131,6 +131,17 @@ def affinity_loss(aff: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[st
 def load_affinity_net(cfg: AffinityConfig, path: str, device: torch.device | str = "cpu") -> AffinityNet:
     """An AffinityNet with weights from an affinity_train checkpoint (weights_only load), in eval mode."""
     net = AffinityNet(cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"pretrained": None})}))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(obj["model"] if "model" in obj else obj)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"trained AffinityNet not found: {path} (run the affinity_train stage first)") from None
+    except Exception as e:  # cut short, not a torch file, ...
+        raise ValueError(f"trained AffinityNet {path} could not be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run the affinity_train stage") from e
+    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    try:
+        net.load_state_dict(sd)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"trained AffinityNet {path} does not fit the configured network (refine.affinity "
+                         f"changed?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return net.to(device).eval()
