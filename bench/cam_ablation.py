@@ -12,9 +12,10 @@ threshold of each rca run], "baseline_threshold": [...], "seconds": total wall t
 Every variant gets the same budget: --epochs (default 3; NOTES.md: CAMs peak early, then overfit) with
 the contrast warm-up scaled to 1 epoch; training always uses the whole training split, memory build,
 CAM inference (the config's scales + flip) and evaluation use its first --subset images (default 200).
-Budget (CPU seconds measured with 1 thread, seed 0, --subset 400): baseline train 137 s, RCA train
-189 s, memory build 14 s, CAM inference 68 s, eval 5 s per 400 images -> about 20 min CPU for the
-default 3 seeds x 2 variants at --subset 200; wall time is longer when the machine is shared.
+Budget (CPU seconds measured with 1 thread, seed 0, --subset 200): baseline 154 s (train 119 s), RCA
+199 s (train 159 s) -> about 18 CPU minutes for the default 3 seeds x 2 variants. `--jobs 2` (default)
+runs baseline and RCA side by side in two processes (own stores), so the wall time on 2 idle cores is
+the RCA half's, about 10 minutes; wall time is longer when the machine is shared.
 """
 from __future__ import annotations
 
@@ -90,6 +91,34 @@ def run_part(name: str, cfg_dict: dict, store: str, threads: int, subset: int | 
     return payload, seconds, rss, cpu
 
 
+def run_side_by_side(args, seeds: list[int], variants: list[str]) -> list[str]:
+    """Split the (seed, variant) grid over args.jobs child processes of this script (one store each):
+    by variant when there are at least as many variants as jobs, else by seed. Returns their JSON paths."""
+    import subprocess
+
+    if len(variants) >= args.jobs:
+        groups = [(seeds, variants[i::args.jobs]) for i in range(args.jobs)]
+    else:
+        groups = [(seeds[i::args.jobs], variants) for i in range(min(args.jobs, len(seeds)))]
+    procs, outs = [], []
+    for i, (s, v) in enumerate(groups):
+        work = Path(args.work) / f"job{i}"
+        out = work.with_suffix(".json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config, "--seed-list",
+               ",".join(map(str, s)), "--variants", ",".join(v), "--epochs", str(args.epochs),
+               "--warmup-epochs", str(args.warmup_epochs), "--work", str(work), "--threads", str(args.threads),
+               "--subset", str(args.subset), "--json", str(out), "--no-append", "--jobs", "1"]
+        if args.set:
+            cmd += ["--set", *args.set]
+        print(f"[cam_ablation] job {i}: seeds {s}, variants {v}", flush=True)
+        procs.append(subprocess.Popen(cmd))
+        outs.append(str(out))
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"cam_ablation: job(s) {failed} failed (see their output above)")
+    return outs
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -110,6 +139,9 @@ def main(argv=None) -> dict:
                          "training always uses the whole split")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key.sub=value")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="run the variants (or, with one variant, the seeds) in this many side-by-side processes, "
+                         "each in its own store, then merge (default 2: the 2 cores of the reference machine)")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -126,6 +158,9 @@ def main(argv=None) -> dict:
         base_over = deep_update(base_over, {"cam": {"contrast": {"warmup_epochs": args.warmup_epochs}}})
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     runs, rows = [], []
+    side_by_side = args.merge is None and args.jobs > 1 and len(seeds) * len(variants) > 1
+    if side_by_side:
+        args.merge = run_side_by_side(args, seeds, variants)
     if args.merge is not None:
         seeds, extra_seconds = [], 0.0
         for path in args.merge:
@@ -134,7 +169,8 @@ def main(argv=None) -> dict:
             extra_seconds = max(extra_seconds, part["seconds"])  # parts ran side by side: wall = the longest
         runs.sort(key=lambda r: (r["seed"], variants.index(r["variant"]) if r["variant"] in variants else 99))
         runs = [r for r in runs if r["variant"] in variants]
-        t0 -= extra_seconds
+        if not side_by_side:  # earlier runs: their wall time adds to this call's
+            t0 -= extra_seconds
     for seed in seeds:
         for v in variants:
             over = deep_update(base_over, {"seed": seed, "store": store, "cam": VARIANTS[v]})

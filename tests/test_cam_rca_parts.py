@@ -144,6 +144,18 @@ def test_aggregation_identity_start():
     assert torch.allclose(agg(x, torch.randn(5, 4)), x)
 
 
+def test_aggregation_default_fusion_init_uses_the_context_from_the_start():
+    torch.manual_seed(0)
+    agg = SemanticAggregation(in_channels=6, dim=4, fusion_init="default")
+    x = torch.randn(1, 6, 3, 3)
+    protos = torch.randn(5, 4)
+    assert agg.fuse.weight[:, 6:].abs().sum() > 0
+    # the prototypes change the output: the context path is live at step 0
+    assert not torch.allclose(agg(x, protos), agg(x, protos + 1.0))
+    with pytest.raises(ValueError, match="fusion_init"):
+        SemanticAggregation(in_channels=6, dim=4, fusion_init="zeros")
+
+
 def test_region_masks_and_embeddings():
     cam = torch.zeros(2, 3, 4, 4)
     cam[0, 0, :2] = 5.0   # class 0 strong in the top half of image 0

@@ -39,6 +39,9 @@ class AggregationConfig(StrictModel):
     softmax: bool = Field(True, description="softmax attention (paper) or none (official code)")
     refresh_every_epochs: int = Field(1, ge=1, description="k-means refresh of training prototypes")
     kmeans_iters: int = Field(20, ge=1, description="Lloyd iterations of each per-class k-means")
+    fusion_init: Literal["identity", "default"] = Field("identity", description=(
+        "start of the fusion conv1x1([x ; conv1x1(a)]): 'identity' = identity on x, zero on the context "
+        "(the aggregated branch starts as the plain one); 'default' = PyTorch's default init of every weight"))
 
 
 class CamTrainConfig(StrictModel):

@@ -21,18 +21,24 @@ import torch.nn as nn
 
 
 class SemanticAggregation(nn.Module):
-    def __init__(self, in_channels: int, dim: int, softmax: bool = True):
+    def __init__(self, in_channels: int, dim: int, softmax: bool = True, fusion_init: str = "identity"):
         super().__init__()
+        if fusion_init not in ("identity", "default"):
+            raise ValueError(f"fusion_init must be 'identity' or 'default', got {fusion_init!r}")
         self.dim, self.softmax = dim, softmax
         self.query = nn.Conv2d(in_channels, dim, 1)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
         self.out = nn.Conv2d(dim, in_channels, 1)
         self.fuse = nn.Conv2d(2 * in_channels, in_channels, 1)
-        with torch.no_grad():
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :in_channels, 0, 0].copy_(torch.eye(in_channels))
-            self.fuse.bias.zero_()
+        if fusion_init == "identity":
+            self._identity_fusion(in_channels)
+
+    @torch.no_grad()
+    def _identity_fusion(self, in_channels: int) -> None:
+        self.fuse.weight.zero_()
+        self.fuse.weight[:, :in_channels, 0, 0].copy_(torch.eye(in_channels))
+        self.fuse.bias.zero_()
 
     def attend(self, x: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The aggregated context a (B, D, h, w) for features x (B, C, h, w) and prototypes (P, D)."""

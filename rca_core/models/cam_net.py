@@ -44,7 +44,8 @@ class CamNet(nn.Module):
             self.memory = RegionMemory(self.num_fg, cfg.memory.size, d, cfg.memory.score_threshold)
         if self.use_aggregation:
             k = cfg.aggregation.prototypes_per_class
-            self.aggregation = SemanticAggregation(c, cfg.memory.dim, cfg.aggregation.softmax)
+            self.aggregation = SemanticAggregation(c, cfg.memory.dim, cfg.aggregation.softmax,
+                                                   cfg.aggregation.fusion_init)
             self.agg_classifier = nn.Conv2d(c, self.num_fg, 1, bias=False)
             self.register_buffer("prototypes", torch.zeros(self.num_fg * k, cfg.memory.dim))
             self.register_buffer("prototype_valid", torch.zeros(self.num_fg * k, dtype=torch.bool))
