@@ -193,6 +193,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
 
 
 # ----------------------------------------------------------------------------- learning rate
+def load_trained_weights(path: str | os.PathLike, what: str, stage: str) -> dict:
+    """The state dict in a file a training stage wrote (weights_only load; a checkpoint's "model" entry
+    also works). A missing or unreadable file raises an error naming it, `what` it is and the `stage`
+    that makes it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path} (run the {stage} stage first)") from None
+    except Exception as e:  # cut short, not a torch file, ...
+        raise ValueError(f"{what} {path} could not be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run the {stage} stage") from e
+    return obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+
+
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
     frac = min(max(step, 0), max_steps) / max(1, max_steps)
     return base_lr * (1.0 - frac) ** power

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from rca_core.affinity_labels import grid_size, pair_offsets
 from rca_core.config.refine import AffinityConfig
 from rca_core.models.backbones import build_backbone
+from rca_core.train_utils import load_trained_weights
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -131,14 +132,7 @@ def affinity_loss(aff: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[st
 def load_affinity_net(cfg: AffinityConfig, path: str, device: torch.device | str = "cpu") -> AffinityNet:
     """An AffinityNet with weights from an affinity_train checkpoint (weights_only load), in eval mode."""
     net = AffinityNet(cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"pretrained": None})}))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"trained AffinityNet not found: {path} (run the affinity_train stage first)") from None
-    except Exception as e:  # cut short, not a torch file, ...
-        raise ValueError(f"trained AffinityNet {path} could not be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run the affinity_train stage") from e
-    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    sd = load_trained_weights(path, "trained AffinityNet", "affinity_train")
     try:
         net.load_state_dict(sd)
     except (RuntimeError, TypeError, AttributeError) as e:

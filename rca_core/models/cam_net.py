@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from rca_core.config.cam import CamConfig
 from rca_core.kmeans import class_prototypes
+from rca_core.train_utils import load_trained_weights
 from rca_core.memory_bank import RegionMemory
 from rca_core.models.aggregation import SemanticAggregation
 from rca_core.models.backbones import build_backbone
@@ -112,15 +113,7 @@ def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.devi
     cfg = copy.deepcopy(cfg)
     cfg.backbone = bb
     net = CamNet(cfg, num_classes)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"trained CAM model not found: {path} (run the cam_train stage first)") from None
-    except Exception as e:  # cut short, not a torch file, ...
-        raise ValueError(f"trained CAM model {path} could not be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run the cam_train stage") from e
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a training checkpoint also works
-        sd = sd["model"]
+    sd = load_trained_weights(path, "trained CAM model", "cam_train")
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
