@@ -45,24 +45,6 @@ def _shard_fn(name: str, cfg_json: dict, store_url: str, ids: list[str]) -> list
     return rows
 
 
-def split_shards(ids: list[str], shard_size: int, workers: int) -> list[list[str]]:
-    """Contiguous shards of at most `shard_size` ids, as equal as possible, their count a multiple of
-    `workers` (when there are enough ids), so no worker is left with a last round of its own:
-    400 ids, shard_size 64, 2 workers -> 8 shards of 50 (not 6 x 64 + 16, which runs 4 rounds vs 3)."""
-    if not ids:
-        return []
-    n = -(-len(ids) // max(1, shard_size))
-    workers = max(1, workers)
-    n = min(len(ids), -(-n // workers) * workers)
-    base, extra = divmod(len(ids), n)
-    shards, start = [], 0
-    for i in range(n):
-        size = base + (1 if i < extra else 0)
-        shards.append(ids[start:start + size])
-        start += size
-    return shards
-
-
 def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
                         on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Run (or resume) one per-image stage across Ray workers; returns its summary."""
@@ -77,7 +59,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
     out.prepare(getattr(mod, "FIELDS", ()))
     todo = out.pending(ctx.ids, verify=True)
     backfill_manifest(out, ctx.ids, todo)
-    shards = split_shards(todo, cfg.ray.shard_size, cfg.ray.num_workers)
+    shards = [todo[i:i + cfg.ray.shard_size] for i in range(0, len(todo), cfg.ray.shard_size)]
     gpus = gpus_per_worker(cfg.ray)
     remote = ray.remote(max_retries=3)(_shard_fn).options(
         num_cpus=cfg.ray.cpus_per_worker, num_gpus=gpus, scheduling_strategy="SPREAD")

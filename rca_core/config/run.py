@@ -22,7 +22,7 @@ class ComputeConfig(StrictModel):
 class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray cluster address; None = start a local Ray")
     num_workers: int = Field(2, ge=1, description="workers for per-image stages and Ray Train")
-    shard_size: int = Field(32, ge=1, description="at most this many images per Ray task; shards are balanced over the workers")
+    shard_size: int = Field(32, ge=1, description="images per Ray task/actor call")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = auto: 1 if GPUs exist)")
     cpus_per_worker: float = Field(1.0, gt=0)
 
