@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from rca_core.config.cam import CamConfig
 from rca_core.kmeans import class_prototypes
-from rca_core.train_utils import load_trained_weights
 from rca_core.memory_bank import RegionMemory
 from rca_core.models.aggregation import SemanticAggregation
 from rca_core.models.backbones import build_backbone
 from rca_core.models.projection import ProjectionHead
+from rca_core.train_utils import load_trained_weights
 
 
 class CamNet(nn.Module):
