@@ -220,25 +220,30 @@ def predict(checkpoint: Path = typer.Argument(..., help="segmenter.pt in the seg
 
 
 @app.command("report")
-def report(run: Path = typer.Argument(..., help="a run config YAML, or an artifact store directory"),
-           out: Optional[Path] = typer.Option(None, help="output folder (default: <store>/../report)")):
+def report(run: str = typer.Argument(..., help="a run config YAML, or an artifact store (folder or URL)"),
+           out: Optional[str] = typer.Option(None, help="output folder or URL (default: <store>/../report for a "
+                                                      "local store, <store>/_report for a bucket)")):
     """Write the HTML run report (tables, per-class bars, curves, sample grid) and print its path."""
+    from rca_core import storage
     from rca_core.config import config_from_dict, load_config, resolve_paths
 
-    if run.is_dir():
-        records = sorted((run / "_runs").glob("*/run.json"), key=lambda p: p.stat().st_mtime)
-        if not records:
-            typer.secho(f"{run}: no recorded run (no _runs/*/config.yaml): not an artifact store?", fg="red", err=True)
-            raise typer.Exit(2)
+    if run.endswith((".yaml", ".yml")) and not storage.is_url(run):
+        cfg = resolve_paths(load_config(run))
+    else:
         import yaml
 
-        cfg = config_from_dict(yaml.safe_load((records[-1].parent / "config.yaml").read_text()), str(records[-1]))
-        cfg = cfg.model_copy(update={"store": str(run.resolve())})
-    else:
-        cfg = resolve_paths(load_config(run))
-    from rca_core.report import write_report
+        store = storage.absolute(run)
+        fs, root = storage.filesystem(store)
+        runs = [p for p in fs.glob(storage.join(root, "_runs", "*", "run.json"))]
+        if not runs:
+            typer.secho(f"{run}: no recorded run (no _runs/*/run.json): not an artifact store?", fg="red", err=True)
+            raise typer.Exit(2)
+        newest = max(runs, key=lambda p: json.loads(fs.cat_file(p)).get("recorded_at", 0))
+        text = fs.cat_file(newest.rsplit("/", 1)[0] + "/config.yaml").decode()
+        cfg = config_from_dict(yaml.safe_load(text), newest).model_copy(update={"store": store})
+    from rca_core.report import default_location, write_report
 
-    path = write_report(cfg.store, out or Path(cfg.store).parent / "report", cfg)
+    path = write_report(cfg.store, out or default_location(cfg), cfg)
     typer.echo(str(path))
 
 

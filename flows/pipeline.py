@@ -8,12 +8,12 @@ import time
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from rca_core.config import RunConfig, check_paths
+from rca_core.config import RunConfig
 from rca_core.stages import STAGES, plan, record_run, upstream_closure
 from rca_core.store import ArtifactStore
 from tasks.ray_runtime import ray_session
 
-from .stage_flows import STAGE_FLOWS
+from .stage_flows import STAGE_FLOWS, prepare_config
 
 METRIC_KEYS = ("miou", "miou_all", "miou_confident", "kept_fraction", "best_threshold", "map", "val_miou")
 
@@ -24,19 +24,16 @@ def prepare_data(config: RunConfig) -> dict:
     from rca_core.data import make_dataset
 
     splits = {config.data.train_split, config.data.eval_split, config.data.val_split}
-    return {s: len(make_dataset(config.data, s).ids) for s in sorted(splits)}
+    return {s: len(make_dataset(config.data, s, storage_options=config.storage).ids) for s in sorted(splits)}
 
 
 @task(name="write-report")
 def write_run_report(config: RunConfig) -> str:
-    """The HTML report (with PNGs) next to the store: runs/<name>/report/index.html for local stores."""
-    from pathlib import Path
+    """The HTML report (with PNGs): runs/<name>/report/index.html next to a local store, <store>/_report/
+    inside a remote one."""
+    from rca_core.report import default_location, write_report
 
-    from rca_core.report import write_report
-
-    if "://" in config.store:
-        return ""
-    return str(write_report(config.store, Path(config.store).parent / "report", config))
+    return str(write_report(config.store, default_location(config), config))
 
 
 def stage_row(name: str, res: dict, seconds: float) -> dict:
@@ -54,13 +51,12 @@ def stage_row(name: str, res: dict, seconds: float) -> dict:
       description="RCA weakly supervised segmentation: image tags -> CAMs -> pseudo-masks -> segmenter.")
 def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -> dict:
     """Run the stages (default: all) of the run config; returns per-stage pointers and a metrics table."""
-    cfg = config
-    check_paths(cfg, "flow parameter 'config'")
+    cfg = prepare_config(config)
     wanted = stages or STAGES
     order = [s for s in STAGES if any(s in upstream_closure(w, cfg) for w in wanted)]
     t_all = time.time()
     counts = prepare_data(cfg)
-    record_run(cfg, ArtifactStore(cfg.store))
+    record_run(cfg, ArtifactStore.for_config(cfg))
     print(f"data: {counts}; store: {cfg.store}; stages: {', '.join(order)}")
     results, rows = {}, []
     with ray_session(cfg.ray):

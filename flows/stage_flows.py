@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from rca_core.config import RunConfig, check_paths
+from rca_core.config import RunConfig, check_paths, resolve_paths, stage_weights
 from rca_core.stages import STAGES, plan, upstream_closure
 from rca_core.store import ArtifactStore
 from tasks.ray_runtime import ray_session
@@ -12,23 +12,28 @@ from tasks.stage_task import cache_key, result_storage_for, run_stage_task
 
 def run_stage_in_flow(name: str, cfg: RunConfig) -> dict:
     """Submit the stage task with the right cache options; returns its pointer + whether it was cached."""
-    out = ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint)
-    opts = dict(task_run_name=name, refresh_cache=not out.is_complete())
-    storage = result_storage_for(cfg)
-    if storage is not None:
-        opts["result_storage"] = storage
+    out = ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint)
+    opts = dict(task_run_name=name, refresh_cache=not out.is_complete(), result_storage=result_storage_for(cfg))
     state = run_stage_task.with_options(**opts)(name, cfg, cache_key(name, cfg), return_state=True)
     result = state.result()
     return {**result, "cached": state.name == "Cached", "state": state.name}
+
+
+def prepare_config(config: RunConfig) -> RunConfig:
+    """The flow's config as workers must see it: local paths absolute, every named path checked, local
+    pretrained weights staged into a remote store (stage keys do not change)."""
+    cfg = resolve_paths(config)
+    check_paths(cfg, "flow parameter 'config'")
+    return stage_weights(cfg)
 
 
 def _make_stage_flow(name: str):
     @flow(name=f"rca-stage-{name.replace('_', '-')}", log_prints=True,
           description=f"Run the {name} stage (and nothing else) for a run config; cached by fingerprint.")
     def stage_flow(config: RunConfig) -> dict:
-        check_paths(config, "flow parameter 'config'")
-        with ray_session(config.ray):
-            return run_stage_in_flow(name, config)
+        cfg = prepare_config(config)
+        with ray_session(cfg.ray):
+            return run_stage_in_flow(name, cfg)
 
     stage_flow.__name__ = f"{name}_flow"
     return stage_flow

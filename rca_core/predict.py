@@ -40,13 +40,18 @@ def _as_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_segmenter(checkpoint: str | os.PathLike, device: str | torch.device | None = None):
-    """(model in eval mode on `device`, meta dict) from a segmenter checkpoint file."""
-    path = Path(checkpoint)
-    if not path.is_file():
+def load_segmenter(checkpoint, device: str | torch.device | None = None):
+    """(model in eval mode on `device`, meta dict) from a segmenter checkpoint: a local file, a URL or a
+    store file (rca_core.storage.FileRef)."""
+    from rca_core import storage
+    from rca_core.train_utils import load_torch
+
+    ref = checkpoint if isinstance(checkpoint, storage.FileRef) else storage.file_ref(checkpoint)
+    path = ref.uri
+    if not ref.exists():
         raise CheckpointError(f"segmenter checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch(ref)
     except Exception as e:
         raise CheckpointError(f"segmenter checkpoint {path} could not be read: {type(e).__name__}: {e}") from e
     meta = obj.get("meta") if isinstance(obj, dict) else None

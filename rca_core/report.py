@@ -134,7 +134,7 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     stage = {k: store.stage(k, plans[k].fingerprint) for k in ("cam_infer", "crf_labels", "random_walk", "seg_train")}
     if not stage["cam_infer"].is_complete():
         return None
-    ds = make_dataset(cfg.data, plans["cam_infer"].split)
+    ds = make_dataset(cfg.data, plans["cam_infer"].split, storage_options=cfg.storage)
     ids = [i for i in ds.ids if stage["cam_infer"].is_done(i)][:n]
     if not ids:
         return None
@@ -144,7 +144,7 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     if stage["seg_train"].is_complete() and stage["seg_train"].has_file(MODEL_FILE):
         from rca_core.predict import Predictor, load_segmenter
 
-        net, meta = load_segmenter(stage["seg_train"].path_for(MODEL_FILE), "cpu")
+        net, meta = load_segmenter(stage["seg_train"].file(MODEL_FILE), "cpu")
         model = Predictor(net, meta, "cpu", (1.0,), False)
     cols = ["image", "CAM", "CRF labels", "pseudo-mask", "segmenter", "ground truth"]
     rows = []
@@ -165,9 +165,29 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     return cols
 
 
-def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> Path:
+def default_location(cfg: RunConfig) -> str:
+    """Where a run's report goes: next to a local store (<store>/../report), inside a remote one (<store>/_report)."""
+    from rca_core import storage
+
+    if storage.is_url(cfg.store):
+        return storage.join(cfg.store, "_report")
+    return str(Path(storage.local_path(cfg.store)).parent / "report")
+
+
+def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str | Path:
+    """Write the HTML report (index.html + PNGs + summary.json) to `out_dir`, a local folder or a URL
+    (written through the I/O layer: a report of a bucket store lands in the bucket). Returns its index.html."""
+    from rca_core import storage
+
+    if storage.is_url(str(out_dir)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="rca-report-") as tmp:
+            write_report(store_url, tmp, config)
+            storage.upload_tree(tmp, str(out_dir), config.storage)
+        return storage.join(str(out_dir), "index.html")
     cfg = config
-    store = ArtifactStore(store_url)
+    store = ArtifactStore(store_url, cfg.storage, create=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sums = {n: _summary(store, cfg, n) for n in STAGES}

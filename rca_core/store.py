@@ -6,8 +6,12 @@ Layout (under the store root, a local directory or any fsspec URL):
     {stage}/{fingerprint}/{field}/{image_id}        one array per image and field, one chunk
     {stage}/{fingerprint}/_arrays/{name}            whole arrays (prototypes, embedding tables)
     {stage}/{fingerprint}/manifest/part-*.parquet   per-image manifest rows
-    {stage}/{fingerprint}/files/...                 plain files (checkpoints, PNG exports)
+    {stage}/{fingerprint}/files/...                 plain files (checkpoints, model files, PNG exports)
     {stage}/{fingerprint}/_complete.json            written last by the driver: the stage is done
+
+Every byte goes through the store's URL (rca_core.storage): a worker on another node needs only the
+URL, never a path on the driver's disk. Workers open the store with `create=False`: a node that cannot
+see the store fails naming the store and the host instead of silently creating an empty one.
 
 Who writes what (Zarr's concurrency contract): the driver calls `prepare` (group metadata),
 `put_array`, `write_manifest`, `mark_complete`; a worker only creates and writes the arrays of the
@@ -19,6 +23,7 @@ back for recomputation.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,15 +31,15 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+
+from rca_core import storage as io_
 
 MARKER = "rca_crc32"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -74,22 +79,46 @@ class _Loc:
 
 
 class ArtifactStore:
-    """Entry point: `ArtifactStore(url).stage(name, fingerprint)` -> StageOutput."""
+    """Entry point: `ArtifactStore(url).stage(name, fingerprint)` -> StageOutput.
 
-    def __init__(self, url: str | os.PathLike):
+    `storage`: the run config's storage section (or a dict) with non-secret fsspec options.
+    `create=False` (workers): the store must exist already; a missing one raises StoreError naming
+    the store and this host, instead of creating an empty store on a node that cannot see the real one.
+    """
+
+    def __init__(self, url: str | os.PathLike, storage: Any = None, create: bool = True):
         self.url = str(url)
-        fs, root = fsspec.core.url_to_fs(self.url)
-        self.is_local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        self.storage = storage
+        try:
+            fs, root = io_.filesystem(self.url, storage)
+        except io_.MissingExtraError as e:
+            raise StoreError(str(e)) from None
+        self.is_local = io_.is_local_fs(fs)
+        self.loc = _Loc(fs, root)
+        if not create and not fs.exists(self.loc.join("zarr.json")):
+            raise StoreError(f"artifact store {self.url} not found from host {io_.host()}: every node must see the "
+                             "store (object storage such as s3://, or a file system mounted at the same path on "
+                             "every node); a worker never creates one")
         if self.is_local:
-            Path(root).mkdir(parents=True, exist_ok=True)
+            if create:
+                os.makedirs(root, exist_ok=True)
             self.zstore = zarr.storage.LocalStore(root)
         else:
-            self.zstore = zarr.storage.FsspecStore.from_url(self.url)
-        self.loc = _Loc(fs, root)
+            self.zstore = zarr.storage.FsspecStore.from_url(self.url, storage_options=io_.options_for(self.url, storage))
         try:
-            self.root = zarr.open_group(self.zstore, mode="a")
+            self.root = zarr.open_group(self.zstore, mode="a" if create else "r+")
         except Exception as e:  # e.g. a file where the store directory should be
             raise StoreError(f"cannot open artifact store at {self.url}: {e}") from e
+
+    @classmethod
+    def for_config(cls, cfg, create: bool = True) -> "ArtifactStore":
+        """The store of a run config (its URL and storage options)."""
+        return cls(cfg.store, getattr(cfg, "storage", None), create=create)
+
+    def file(self, *parts: str) -> io_.FileRef:
+        """A file anywhere in the store, by its path relative to the store root."""
+        rel = "/".join(parts)
+        return io_.FileRef(self.loc.fs, self.loc.join(rel), io_.join(self.url, rel))
 
     def stage(self, name: str, fingerprint: str) -> "StageOutput":
         if not re.match(r"^[a-z0-9_]+$", name) or not re.match(r"^[A-Za-z0-9_\-]+$", fingerprint):
@@ -98,14 +127,10 @@ class ArtifactStore:
 
     def record_run(self, config_yaml: str, config_fingerprint: str, stage_keys: dict[str, str]) -> str:
         """Save a run's fully resolved config and its fingerprint (+ each stage's key) under _runs/."""
-        fs = self.loc.fs
-        d = self.loc.join("_runs", config_fingerprint)
-        fs.makedirs(d, exist_ok=True)
-        with fs.open(f"{d}/config.yaml", "w") as f:
-            f.write(f"# fingerprint: {config_fingerprint}\n{config_yaml}")
-        with fs.open(f"{d}/run.json", "w") as f:
-            json.dump({"fingerprint": config_fingerprint, "stages": stage_keys, "recorded_at": time.time()}, f, indent=1)
-        return d
+        self.file("_runs", config_fingerprint, "config.yaml").write_text(f"# fingerprint: {config_fingerprint}\n{config_yaml}")
+        self.file("_runs", config_fingerprint, "run.json").write_text(json.dumps(
+            {"fingerprint": config_fingerprint, "stages": stage_keys, "recorded_at": time.time()}, indent=1))
+        return io_.join(self.url, "_runs", config_fingerprint)
 
     def stages(self) -> list[str]:
         out = []
@@ -274,7 +299,10 @@ class StageOutput:
         for t in tables:
             for r in t.to_pylist():
                 rows[r.get("image_id")] = r
-        return pa.Table.from_pylist(list(rows.values())) if rows else tables[0].slice(0, 0)
+        if not rows:
+            return tables[0].slice(0, 0)
+        keys = list(dict.fromkeys(k for r in rows.values() for k in r))  # rows of different parts differ
+        return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows.values()])
 
     def write_table(self, name: str, rows: list[dict] | pa.Table) -> str:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(_jsonable_rows(rows))
@@ -289,54 +317,57 @@ class StageOutput:
         return pq.read_table(path, filesystem=self.store.loc.fs)
 
     def _write_table_atomic(self, table: pa.Table, path: str) -> None:
-        fs = self.store.loc.fs
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(tmp, path)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        io_.FileRef(self.store.loc.fs, path, path).write_bytes(buf.getvalue())
 
-    def path_for(self, name: str) -> str:
-        """A local file path under this stage's files/ folder (checkpoints, exports)."""
-        if not self.store.is_local:
-            raise StoreError(f"path_for needs a local store; {self.store.url} is remote: use open_file")
-        p = Path(self.store.loc.join(self.key, "files", name))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return str(p)
+    def file(self, name: str) -> io_.FileRef:
+        """A plain file under this stage's files/ folder (checkpoints, model files, PNG exports)."""
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise StoreError(f"invalid file name {name!r}")
+        return self.store.file(self.key, "files", name)
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write a file (atomic: temp + rename locally, one PUT on object storage); returns its URI."""
+        ref = self.file(name)
+        try:
+            ref.write_bytes(data)
+        except Exception as e:  # disk full, permissions, a file in the way, ...
+            raise StoreError(f"writing {ref.uri} failed: {type(e).__name__}: {e}") from e
+        return ref.uri
+
+    def read_file(self, name: str) -> bytes:
+        return self.file(name).read_bytes()
 
     def open_file(self, name: str, mode: str = "rb"):
         path = self.store.loc.join(self.key, "files", name)
-        if "w" in mode:
+        if "w" in mode and self.store.is_local:
             self.store.loc.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return self.store.loc.fs.open(path, mode)
 
     def has_file(self, name: str) -> bool:
-        return self.store.loc.fs.exists(self.store.loc.join(self.key, "files", name))
+        return self.file(name).exists()
 
     # ---------------------------------------------------------------- stage completion
+    def _complete_ref(self) -> io_.FileRef:
+        return self.store.file(self.key, "_complete.json")
+
     def mark_complete(self, summary: dict) -> None:
-        fs = self.store.loc.fs
-        path = self.store.loc.join(self.key, "_complete.json")
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
-        with fs.open(tmp, "w") as f:
-            json.dump({"completed_at": time.time(), **summary}, f, indent=1, default=_json_default)
-        fs.mv(tmp, path)
+        self._complete_ref().write_text(json.dumps({"completed_at": time.time(), **summary}, indent=1,
+                                                   default=_json_default))
 
     def is_complete(self) -> bool:
-        return self.store.loc.fs.exists(self.store.loc.join(self.key, "_complete.json"))
+        return self._complete_ref().exists()
 
     def summary(self) -> dict:
-        path = self.store.loc.join(self.key, "_complete.json")
-        if not self.store.loc.fs.exists(path):
-            raise StoreError(f"stage {self.key} is not complete in {self.store.url}")
-        with self.store.loc.fs.open(path, "r") as f:
-            return json.load(f)
+        ref = self._complete_ref()
+        try:
+            return json.loads(ref.read_bytes())
+        except FileNotFoundError:
+            raise StoreError(f"stage {self.key} is not complete in {self.store.url}") from None
 
     def clear_complete(self) -> None:
-        path = self.store.loc.join(self.key, "_complete.json")
-        if self.store.loc.fs.exists(path):
-            self.store.loc.fs.rm(path)
+        self._complete_ref().remove()
 
     @property
     def uri(self) -> str:
@@ -359,6 +390,9 @@ def _json_default(o):
 
 
 def _jsonable_rows(rows: list[dict]) -> list[dict]:
+    """Rows as plain Python values, every row with every key (pyarrow takes the columns of the first row)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k) for k in keys} for r in rows]
     out = []
     for r in rows:
         d = {}

@@ -2,8 +2,11 @@
 
 - seeding: `seed_everything(seed)`, `rng_state()` / `set_rng_state(state)` (tensors and lists only,
   so a checkpoint loads with `torch.load(weights_only=True)`);
-- checkpoints: `save_checkpoint(path, model, optimizer, epoch, step, extra)` (atomic: tmp + os.replace,
-  rank 0 only) and `load_checkpoint(path, model, optimizer)` -> dict(epoch, step, extra) or None;
+- checkpoints: `save_checkpoint(ckpt, model, optimizer, epoch, step, extra)` and
+  `load_checkpoint(ckpt, model, optimizer)` -> dict(epoch, step, extra) or None, where `ckpt` is a
+  Checkpointer (a file in the store by default; Ray Train's checkpoints under Ray, see tasks/training.py)
+  or a file location; every rank calls save (a Checkpointer may need all ranks), only rank 0's state is kept;
+- `save_torch(location, obj)` / `load_torch(location)`: torch files through the store's I/O layer;
 - learning rate: `poly_lr(base_lr, step, max_steps, power)` and `set_poly_lr(optimizer, step, max_steps)`
   (each param group keeps its own `base_lr`, so new layers at 10x keep their ratio);
 - distributed: `is_dist`, `rank`, `world_size`, `is_main`, `wrap_ddp`, `unwrap`, `make_sampler`,
@@ -13,10 +16,9 @@
 """
 from __future__ import annotations
 
+import io
 import os
 import random
-import uuid
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -136,47 +138,98 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    epoch: int, step: int, extra: dict | None = None, *, with_rng: bool = True) -> None:
-    """Atomic checkpoint (tmp file, then os.replace). Only rank 0 writes; others return at once.
+def _ref(location):
+    from rca_core import storage
 
-    `epoch` is the number of finished epochs; `extra` must hold tensors / numbers / strings / lists / dicts.
+    return location if isinstance(location, storage.FileRef) else storage.file_ref(location)
+
+
+def save_torch(location, obj: Any) -> None:
+    """torch.save to a store file / local path / URL (atomic: temp + rename locally, one PUT remotely)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _ref(location).write_bytes(buf.getvalue())
+
+
+def load_torch(location, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of a store file / local path / URL; FileNotFoundError if absent."""
+    data = _ref(location).read_bytes()
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+class Checkpointer:
+    """Where a training stage keeps its resumable state. `save(obj, epoch, metrics)` is called on every
+    rank (obj is None except on rank 0); `load()` returns the last saved obj or None."""
+
+    def save(self, obj: dict | None, epoch: int, metrics: dict | None = None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def load(self) -> dict | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class FileCheckpointer(Checkpointer):
+    """One torch file (a store file, a local path or a URL), replaced atomically at every save."""
+
+    def __init__(self, location):
+        self.ref = _ref(location)
+
+    def save(self, obj: dict | None, epoch: int, metrics: dict | None = None) -> None:
+        if obj is not None:
+            save_torch(self.ref, obj)
+
+    def load(self) -> dict | None:
+        if not self.ref.exists():
+            return None
+        return load_torch(self.ref)
+
+    def describe(self) -> str:
+        return self.ref.uri
+
+
+def as_checkpointer(ckpt) -> Checkpointer:
+    return ckpt if isinstance(ckpt, Checkpointer) else FileCheckpointer(ckpt)
+
+
+def save_checkpoint(ckpt, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    epoch: int, step: int, extra: dict | None = None, *, with_rng: bool = True,
+                    metrics: dict | None = None) -> None:
+    """Save a resumable checkpoint through `ckpt` (a Checkpointer or a file location).
+
+    Call it on every rank: rank 0's state is the one kept. `epoch` is the number of finished epochs;
+    `extra` must hold tensors / numbers / strings / lists / dicts.
     """
-    if not is_main():
-        return
-    obj: dict[str, Any] = {"model": unwrap(model).state_dict(), "epoch": int(epoch), "step": int(step),
-                           "extra": extra or {}}
-    if optimizer is not None:
-        obj["optimizer"] = optimizer.state_dict()
-    if with_rng:
-        obj["rng"] = rng_state()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    obj = None
+    if is_main():
+        obj = {"model": unwrap(model).state_dict(), "epoch": int(epoch), "step": int(step), "extra": extra or {}}
+        if optimizer is not None:
+            obj["optimizer"] = optimizer.state_dict()
+        if with_rng:
+            obj["rng"] = rng_state()
+    as_checkpointer(ckpt).save(obj, int(epoch), {"epoch": int(epoch), "step": int(step), **(metrics or {})})
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+def load_checkpoint(ckpt, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True,
                     map_location: str | torch.device = "cpu") -> dict | None:
-    """Restore what `save_checkpoint` wrote; None when there is no checkpoint at `path`.
+    """Restore what `save_checkpoint` wrote; None when there is no checkpoint yet.
 
-    Returns {"epoch", "step", "extra", "model"(state dict)}. A file that cannot be read raises
+    Returns {"epoch", "step", "extra", "model"(state dict)}. A checkpoint that cannot be read raises
     RuntimeError naming it (a half-written checkpoint cannot exist: writes are atomic).
     """
-    path = Path(path)
-    if not path.is_file():
-        return None
+    ckpt = as_checkpointer(ckpt)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = ckpt.load()
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+        raise RuntimeError(f"checkpoint {ckpt.describe()} could not be read ({type(e).__name__}: {e}); "
                            "delete it to start this stage afresh") from e
+    if obj is None:
+        return None
+    if map_location != "cpu" and "model" in obj:
+        obj["model"] = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in obj["model"].items()}
     try:
         if model is not None:
             unwrap(model).load_state_dict(obj["model"])
@@ -184,29 +237,30 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
             optimizer.load_state_dict(obj["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
-        raise RuntimeError(f"checkpoint {path} does not fit this model/optimizer (config changed since it was "
-                           f"written?): {type(e).__name__}: {' '.join(l.strip() for l in first[:2])} ...; delete it to start "
-                           "this stage afresh") from e
+        raise RuntimeError(f"checkpoint {ckpt.describe()} does not fit this model/optimizer (config changed since it "
+                           f"was written?): {type(e).__name__}: {' '.join(l.strip() for l in first[:2])} ...; delete it "
+                           "to start this stage afresh") from e
     if restore_rng and "rng" in obj:
         set_rng_state(obj["rng"])
     return {"epoch": int(obj["epoch"]), "step": int(obj["step"]), "extra": obj.get("extra", {}), "model": obj["model"]}
 
 
-# ----------------------------------------------------------------------------- learning rate
-def load_trained_weights(path: str | os.PathLike, what: str, stage: str) -> dict:
+def load_trained_weights(location, what: str, stage: str) -> dict:
     """The state dict in a file a training stage wrote (weights_only load; a checkpoint's "model" entry
     also works). A missing or unreadable file raises an error naming it, `what` it is and the `stage`
     that makes it."""
+    ref = _ref(location)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch(ref)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path} (run the {stage} stage first)") from None
+        raise FileNotFoundError(f"{what} not found: {ref.uri} (run the {stage} stage first)") from None
     except Exception as e:  # cut short, not a torch file, ...
-        raise ValueError(f"{what} {path} could not be read ({type(e).__name__}: "
+        raise ValueError(f"{what} {ref.uri} could not be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); re-run the {stage} stage") from e
     return obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
 
 
+# ----------------------------------------------------------------------------- learning rate
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
     frac = min(max(step, 0), max_steps) / max(1, max_steps)
     return base_lr * (1.0 - frac) ** power
@@ -246,4 +300,5 @@ def multilabel_map(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torc
 
 __all__ = ["seed_everything", "rng_state", "set_rng_state", "torch_generator", "is_dist", "rank", "world_size",
            "is_main", "barrier", "unwrap", "wrap_ddp", "make_sampler", "all_reduce_mean", "all_gather_cat",
-           "save_checkpoint", "load_checkpoint", "poly_lr", "set_poly_lr", "progress", "multilabel_map"]
+           "save_checkpoint", "load_checkpoint", "save_torch", "load_torch", "Checkpointer", "FileCheckpointer",
+           "as_checkpointer", "load_trained_weights", "poly_lr", "set_poly_lr", "progress", "multilabel_map"]

@@ -40,6 +40,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise RuntimeError(f"cannot reach the Ray cluster at {address} (ray.address): {e}") from e
 
 
+def worker_env() -> dict[str, str]:
+    """Environment for every Ray worker of a run: RAY_ENV plus the driver's RCA_FAULT_* hooks (tests).
+    Credentials are not forwarded: nodes get them from their own environment (secrets, profiles)."""
+    return {**RAY_ENV, **{k: v for k, v in os.environ.items() if k.startswith("RCA_FAULT_")}}
+
+
 @contextlib.contextmanager
 def ray_session(rc: RayConfig, num_cpus: int | None = None):
     """ray.init for the block unless Ray is already initialised (then reuse it and leave it running)."""
@@ -54,9 +60,9 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
         check_reachable(rc.address)
     try:
         if rc.address:
-            ray.init(address=rc.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+            ray.init(address=rc.address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": RAY_ENV},
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()},
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = rc.address or "a local Ray instance"

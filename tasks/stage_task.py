@@ -1,9 +1,11 @@
 """The Prefect task that runs one stage: cached by the stage's fingerprint, dispatched to Ray.
 
 Cache key = stage name + stage fingerprint (its config sections, its inputs' fingerprints, its
-CODE_VERSION) + library version + store location. A run whose stage is complete in the store finds
-the cached result (state Cached). If the store lost the stage, the flow passes refresh_cache=True
-and the task recomputes; inside the task, finished images are skipped (per-image resume).
+CODE_VERSION) + library version + store location. Results and cache records are persisted inside the
+store (`<store>/_prefect_results`, through fsspec for a bucket), so another machine running the flow
+against the same store finds them. A run whose stage is complete in the store finds the cached result
+(state Cached). If the store lost the stage, the flow passes refresh_cache=True and the task
+recomputes; inside the task, finished images are skipped (per-image resume).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 import rca_core
+from rca_core import storage
 from rca_core.config import RunConfig
 from rca_core.stages import plan, run_stage, stage_inputs, stage_kind
 from rca_core.store import ArtifactStore
@@ -23,7 +26,7 @@ from .progress import StageProgress
 
 def cache_key(name: str, cfg: RunConfig) -> str:
     fp = plan(cfg)[name].fingerprint
-    where = hashlib.sha256(str(Path(cfg.store).resolve() if "://" not in cfg.store else cfg.store).encode()).hexdigest()[:8]
+    where = hashlib.sha256(storage.absolute(cfg.store).encode()).hexdigest()[:8]
     return f"rca-{name}-{fp}-v{rca_core.__version__}-{where}"
 
 
@@ -31,8 +34,16 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
     return parameters["key"]
 
 
-def result_storage_for(cfg: RunConfig) -> Path | None:
-    return Path(cfg.store).resolve() / "_prefect_results" if "://" not in cfg.store else None
+def result_storage_for(cfg: RunConfig):
+    """Where Prefect keeps this run's task results and cache records: inside the artifact store.
+    A local store: a folder; a bucket: a RemoteFileSystem block over the same fsspec URL (not saved to
+    the server; its settings hold the endpoint / region only, never credentials)."""
+    if not storage.is_url(cfg.store):
+        return Path(storage.absolute(cfg.store)) / "_prefect_results"
+    from prefect.filesystems import RemoteFileSystem
+
+    return RemoteFileSystem(basepath=storage.join(cfg.store, "_prefect_results"),
+                            settings=storage.options_for(cfg.store, cfg.storage))
 
 
 def scalars(summary: dict) -> dict:
@@ -48,7 +59,7 @@ def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
     from tasks.training import run_training_stage
 
     cfg = config
-    store = ArtifactStore(cfg.store)
+    store = ArtifactStore.for_config(cfg)
     plans = plan(cfg)
     out = store.stage(name, plans[name].fingerprint)
     if not out.is_complete():

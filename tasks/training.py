@@ -1,100 +1,199 @@
-"""Training stages over Ray Train: TorchTrainer runs the stage's `train(cfg, ctx)` on N workers
-(DDP; gloo on CPU, NCCL on GPU). Rank 0 writes checkpoints and outputs into the store; a restarted
-worker group resumes from the last checkpoint. Progress goes through a small JSON file in the stage's
-store folder that the driver polls (no Prefect call inside Ray workers).
+"""Training stages over Ray Train: TorchTrainer runs the stage's `train(cfg, ctx)` on N workers (DDP;
+gloo on CPU, NCCL on GPU), on any nodes of the cluster.
+
+- Storage: Ray Train's `storage_path` is inside the stage's folder of the artifact store
+  (`<store>/<stage>/<key>/files/ray_train`), through the same fsspec file system as everything else
+  (wrapped for pyarrow), so an S3-compatible endpoint given by AWS_ENDPOINT_URL / `storage` is honoured.
+- Checkpoints: every epoch the stage saves through `ctx.checkpoint`, here a `RayTrainCheckpointer`:
+  rank 0's state goes out with `ray.train.report(metrics, checkpoint=...)`; a restarted worker group
+  (worker or node lost; FailureConfig) and a new `fit()` of the same stage (same run name and storage
+  path: Ray Train restores its checkpoint manager from storage) resume from `ray.train.get_checkpoint()`.
+- Progress reaches the driver through a small actor (no shared file): rank 0 calls it, the driver polls.
+- Every rank registers its node id there too; the driver writes them as the stage's `workers` table.
+- Outputs (model files, tables) are written by rank 0 through the store's URL; the summary as
+  files/train_summary.json. No Prefect call happens inside Ray workers.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
+from rca_core import storage
+from rca_core import train_utils as tu
 from rca_core.config import RunConfig
 from rca_core.stages import make_context, plan, stage_module
 from rca_core.store import ArtifactStore
 
+from .preflight import preflight
 from .ray_runtime import gpus_per_worker
 
 SUMMARY_FILE = "train_summary.json"
-PROGRESS_FILE = "progress.json"
+CKPT_NAME = "checkpoint.pt"
+
+
+class RayTrainCheckpointer(tu.Checkpointer):
+    """Checkpoints as Ray Train checkpoints (reported every epoch, resumed with get_checkpoint); falls back
+    to the stage's files/checkpoint.pt in the store (written by a local run) when Ray has none."""
+
+    def __init__(self, fallback: storage.FileRef):
+        self.fallback = fallback
+
+    def save(self, obj: dict | None, epoch: int, metrics: dict | None = None) -> None:
+        import ray.train
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="rca-ckpt-") as d:
+            ckpt = None
+            if obj is not None:
+                torch.save(obj, os.path.join(d, CKPT_NAME))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(dict(metrics or {"epoch": epoch}), checkpoint=ckpt)  # every rank: a barrier
+        delay = float(os.environ.get("RCA_FAULT_EPOCH_DELAY", "0"))  # fault-injection hook for reliability tests
+        if delay:
+            time.sleep(delay)
+
+    def load(self) -> dict | None:
+        import ray.train
+        import torch
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                path = os.path.join(d, CKPT_NAME)
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return tu.FileCheckpointer(self.fallback).load()
+
+    def describe(self) -> str:
+        return f"Ray Train checkpoint (fallback {self.fallback.uri})"
+
+
+def _progress_actor_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StageProgressActor:
+        """Progress of a training stage and where its ranks run: updated by the ranks, read by the driver."""
+
+        def __init__(self):
+            self.done, self.total, self.ranks = 0, 0, {}
+
+        def update(self, done: int, total: int) -> None:
+            self.done, self.total = int(done), int(total)
+
+        def register(self, rank: int, node_id: str, host: str, pid: int) -> None:
+            self.ranks[int(rank)] = {"rank": int(rank), "node_id": node_id, "host": host, "pid": int(pid)}
+
+        def get(self) -> dict:
+            return {"done": self.done, "total": self.total, "ranks": dict(self.ranks)}
+
+    return StageProgressActor
 
 
 def _train_loop(config: dict) -> None:
+    import ray
     import ray.train
     import torch
 
     cfg = RunConfig.model_validate(config["cfg"])
-    name, store_url = config["name"], config["store"]
+    name, store_url, actor = config["name"], config["store"], config["progress"]
     torch.set_num_threads(cfg.compute.threads or max(1, int(cfg.ray.cpus_per_worker)))
-    store = ArtifactStore(store_url)
+    store = ArtifactStore(store_url, cfg.storage, create=False)
     rank = ray.train.get_context().get_world_rank()
-    progress_path = store.stage(name, plan(cfg)[name].fingerprint).path_for(PROGRESS_FILE)
+    actor.register.remote(rank, ray.get_runtime_context().get_node_id(), storage.host(), os.getpid())
 
     def progress(done: int, total: int) -> None:
         if rank == 0:
-            tmp = progress_path + ".tmp"
-            Path(tmp).write_text(json.dumps({"done": done, "total": total, "time": time.time()}))
-            os.replace(tmp, progress_path)
+            actor.update.remote(done, total)
 
-    ctx = make_context(name, cfg, store, progress=progress)
+    ctx = make_context(name, cfg, store, progress=progress, generate=False)
+    ctx.checkpoint = RayTrainCheckpointer(ctx.out.file(CKPT_NAME))
     if ray.train.torch.get_device().type == "cuda":
         ctx.device = ray.train.torch.get_device()
     summary = stage_module(name).train(cfg, ctx) or {}
     if rank == 0:
-        tmp = ctx.out.path_for(SUMMARY_FILE + ".tmp")
-        Path(tmp).write_text(json.dumps(summary, default=str))
-        os.replace(tmp, ctx.out.path_for(SUMMARY_FILE))
-    ray.train.report({"rank": rank})
+        ctx.out.write_file(SUMMARY_FILE, json.dumps(summary, default=str).encode())
+
+
+def pyarrow_storage(url: str, storage_cfg=None):
+    """(storage_path, storage_filesystem) for Ray Train: a local path as is; a URL through the same fsspec
+    file system (and options) as the store, wrapped for pyarrow (Train's own S3 client ignores
+    AWS_ENDPOINT_URL)."""
+    if not storage.is_url(url):
+        return storage.local_path(url), None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(url, storage_cfg)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def run_training_stage(name: str, cfg: RunConfig, store_url: str,
                        on_progress: Callable[[int, int], None] | None = None) -> dict:
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    store = ArtifactStore(store_url)
-    out = store.stage(name, plan(cfg)[name].fingerprint)
+    store = ArtifactStore(store_url, cfg.storage)
+    plans = plan(cfg)
+    out = store.stage(name, plans[name].fingerprint)
     out.prepare(())
+    preflight(cfg, name, plans[name].split)
     t0 = time.time()
     gpus = gpus_per_worker(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    storage = out.path_for("ray_train") if store.is_local else f"{store_url.rstrip('/')}/{out.key}/files/ray_train"
+    storage_path, storage_fs = pyarrow_storage(out.file("ray_train").uri, cfg.storage)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()  # on the driver's node: it outlives a lost worker node
+    actor = _progress_actor_cls().options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "store": store_url},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RayRunConfig(storage_path=storage, name=f"{name}-{out.key.split('/')[1]}",
-                                failure_config=FailureConfig(max_failures=2)),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "store": store_url, "progress": actor},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpus > 0,
+                                     resources_per_worker=resources, placement_strategy=cfg.ray.train_placement),
+        run_config=RayRunConfig(storage_path=storage_path, storage_filesystem=storage_fs,
+                                name=f"{name}-{out.key.split('/')[1]}",
+                                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     stop = threading.Event()
-    watcher = None
-    if on_progress and store.is_local:
-        watcher = threading.Thread(target=_watch_progress, args=(out.path_for(PROGRESS_FILE), on_progress, stop), daemon=True)
+    watcher = threading.Thread(target=_watch_progress, args=(actor, on_progress, stop), daemon=True)
+    if on_progress:
         watcher.start()
     try:
         trainer.fit()
+        ranks = ray.get(actor.get.remote(), timeout=30)["ranks"]
     finally:
         stop.set()
-        if watcher:
+        if watcher.is_alive():
             watcher.join(timeout=5)
-    with out.open_file(SUMMARY_FILE, "r") as f:
-        summary = json.load(f)
+        ray.kill(actor)
+    summary = json.loads(out.read_file(SUMMARY_FILE))
     summary.setdefault("seconds", time.time() - t0)
     summary["train_workers"] = cfg.ray.num_workers
+    rows = [ranks[r] for r in sorted(ranks)]
+    if rows:
+        out.write_table("workers", rows)
+    summary["nodes"] = len({r["node_id"] for r in rows})
     out.mark_complete(summary)
     return summary
 
 
-def _watch_progress(path: str, on_progress: Callable[[int, int], None], stop: threading.Event) -> None:
+def _watch_progress(actor, on_progress: Callable[[int, int], None], stop: threading.Event) -> None:
+    import ray
+
     last = None
-    while not stop.wait(2.0):
+    while not stop.wait(1.0):
         try:
-            p = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+            p = ray.get(actor.get.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the actor is gone at the end of the stage
             continue
-        if (p["done"], p["total"]) != last:
+        if p["total"] and (p["done"], p["total"]) != last:
             last = (p["done"], p["total"])
             on_progress(p["done"], p["total"])

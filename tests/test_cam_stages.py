@@ -49,8 +49,8 @@ def test_resumed_training_continues_where_it_stopped(data_root, tmp_path, monkey
     straight = cam_train.train(cfg_b, train_ctx(cfg_b))
     assert resumed["finished"] and straight["finished"] and resumed["epochs_done"] == straight["epochs_done"] == 2
     assert resumed["steps"] == straight["steps"]
-    sa = torch.load(ctx_a.out.path_for("model.pt"), weights_only=True)
-    sb = torch.load(train_ctx(cfg_b).out.path_for("model.pt"), weights_only=True)
+    sa = torch.load(ctx_a.out.file("model.pt").path, weights_only=True)
+    sb = torch.load(train_ctx(cfg_b).out.file("model.pt").path, weights_only=True)
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k

@@ -77,7 +77,7 @@ def test_affinity_train_checkpoint_resume(setup, tmp_path):
     assert full["epochs"] == 2 and full["steps"] == full["max_steps"] > 0
     hist = ctx.out.read_table("history").to_pylist()
     assert [r["epoch"] for r in hist] == [1, 2] and all(np.isfinite(r["loss"]) for r in hist)
-    w_full = torch.load(ctx.out.path_for("model.pt"), weights_only=True)["model"]
+    w_full = torch.load(ctx.out.file("model.pt").path, weights_only=True)["model"]
 
     other = ArtifactStore(tmp_path / "store2")
     # the resumed run reads the same crf labels; only its own outputs go to the other store
@@ -92,7 +92,7 @@ def test_affinity_train_checkpoint_resume(setup, tmp_path):
     ctx2.dataset = ctx.dataset
     resumed = affinity_train.train(cfg, ctx2)
     assert resumed["steps"] == full["steps"] and resumed["history"][0] == full["history"][0]
-    w_res = torch.load(ctx2.out.path_for("model.pt"), weights_only=True)["model"]
+    w_res = torch.load(ctx2.out.file("model.pt").path, weights_only=True)["model"]
     for k in w_full:
         assert torch.allclose(w_full[k].float(), w_res[k].float(), atol=1e-6), k
 
@@ -107,6 +107,6 @@ def test_random_walk_stage_and_png(setup):
         mask, attrs = out.read(i, "pseudo_mask")
         assert mask.shape == cam_ctx.dataset.size(i)
         assert set(np.unique(mask)) <= {0, *attrs["classes"]}   # no uncertain threshold: no 255
-        png = Image.open(out.path_for(f"png/{i}.png"))
+        png = Image.open(out.file(f"png/{i}.png").path)
         assert png.mode == "P" and np.array_equal(np.asarray(png), mask)
     assert summary["metrics"]["miou_all"] > 0.3

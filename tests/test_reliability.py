@@ -299,7 +299,7 @@ def test_bad_trained_model_file_for_a_downstream_stage(base, tmp_path, kind):
     import torch
 
     cfg = clone(base, tmp_path, ["cam_train"])
-    model = Path(stage_out(cfg, "cam_train").path_for("model.pt"))
+    model = Path(stage_out(cfg, "cam_train").file("model.pt").path)
     if kind == "other_architecture":
         torch.save(_other_width_state(cfg), model)
     else:
@@ -320,8 +320,9 @@ def test_bad_resume_checkpoint_of_a_training_stage(base, tmp_path, kind):
     import torch
 
     cfg = clone(base, tmp_path, [])
-    ckpt = Path(stage_out(cfg, "cam_train").path_for("checkpoint.pt"))
-    src = Path(stage_out(base["cfg"], "cam_train").path_for("checkpoint.pt"))
+    ckpt = Path(stage_out(cfg, "cam_train").file("checkpoint.pt").path)
+    src = Path(stage_out(base["cfg"], "cam_train").file("checkpoint.pt").path)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     if kind == "other_architecture":
         torch.save({"model": _other_width_state(cfg), "epoch": 1, "step": 3, "extra": {}}, ckpt)
     else:

@@ -57,9 +57,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     ctx.out.prepare(())
     with pytest.raises(KeyboardInterrupt):
         seg_train.train(cfg_b, ctx)
-    ck = torch.load(ctx.out.path_for(seg_train.CHECKPOINT), map_location="cpu", weights_only=True)
+    ck = torch.load(ctx.out.file(seg_train.CHECKPOINT).path, map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 3
-    assert not Path(ctx.out.path_for(seg_train.MODEL_FILE)).exists()
+    assert not Path(ctx.out.file(seg_train.MODEL_FILE).path).exists()
 
     resumed = run_stage("seg_train", cfg_b, store, show_progress=False)
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_done"] == 3 and resumed["steps"] == 9
@@ -84,7 +84,7 @@ def test_trains_on_stored_pseudo_masks_and_refuses_without_them(tmp_path):
     assert s["labels"] == "pseudo" and s["steps"] == 3
     assert s["epoch_losses"] == [0.0]
 
-    Path(ctx.out.path_for(seg_train.CHECKPOINT)).unlink()  # start afresh
+    Path(ctx.out.file(seg_train.CHECKPOINT).path).unlink()  # start afresh
     rw.write(ctx.ids[0], {"pseudo_mask": np.zeros((5, 5), np.uint8)})  # wrong size for its image
     with pytest.raises(ValueError, match=f"mask of image {ctx.ids[0]}"):
         seg_train.train(cfg, ctx)

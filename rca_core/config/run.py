@@ -25,12 +25,34 @@ class RayConfig(StrictModel):
     shard_size: int = Field(32, ge=1, description="images per Ray task/actor call")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = auto: 1 if GPUs exist)")
     cpus_per_worker: float = Field(1.0, gt=0)
+    train_placement: Literal["PACK", "SPREAD"] = Field("PACK", description=(
+        "placement of Ray Train workers: PACK fills a node first (fast collectives), SPREAD one per node"))
+    max_failures: int = Field(2, ge=0, description="worker-group restarts of a training stage (worker or node lost)")
+    preflight_timeout_s: float = Field(30.0, gt=0, description=(
+        "before a stage fans out, each node must read a marker in the store and see the data within this time"))
+
+
+class StorageConfig(StrictModel):
+    """Non-secret options of object storage (store and data URLs). Credentials never go here: they come
+    from the usual environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE,
+    GOOGLE_APPLICATION_CREDENTIALS). AWS_ENDPOINT_URL and AWS_DEFAULT_REGION in the environment are
+    used when these are empty, so the standard environment alone reaches any S3-compatible server."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    region: str | None = Field(None, description="bucket region (default: AWS_DEFAULT_REGION)")
+    profile: str | None = Field(None, description="AWS profile name (credentials from ~/.aws)")
+    project: str | None = Field(None, description="GCS project")
+    anon: bool = Field(False, description="anonymous access (public buckets)")
+
+
+WEIGHT_KEYS = ("cam.backbone.pretrained", "refine.affinity.backbone.pretrained", "segmenter.pretrained")
 
 
 class RunConfig(StrictModel):
     name: str = Field("demo", description="run name")
     seed: int = 0
-    store: str = Field("runs/demo/store", description="artifact store: local dir or fsspec URL")
+    store: str = Field("runs/demo/store", description="artifact store: local dir or URL (s3://bucket/run, gs://...)")
+    storage: StorageConfig = Field(StorageConfig(), description="object-storage options (no credentials)")
     data: DataConfig = DataConfig()
     cam: CamConfig = CamConfig()
     cam_infer: CamInferConfig = CamInferConfig()
@@ -65,33 +87,86 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     return cfg
 
 
+def get_key(cfg: RunConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_key(cfg: RunConfig, key: str, value) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, parts[-1], value)
+
+
+def path_keys(cfg: RunConfig) -> list[str]:
+    """Every config key that names a file or folder that stages read."""
+    return ["store", "data.root", "data.labels_file", "data.saliency_dir", *WEIGHT_KEYS]
+
+
 def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
-    """A copy with relative local paths made absolute (Ray workers and served runs may not share the cwd)."""
-    base = Path(base or Path.cwd())
+    """A copy with every relative local path made absolute against `base` (default: the working directory),
+    so that Ray workers, served runs and other nodes read the same files; URLs are kept as they are."""
+    from rca_core import storage
+
     out = cfg.model_copy(deep=True)
-    if "://" not in out.store:
-        out.store = str((base / out.store).resolve())
-    out.data.root = str((base / out.data.root).resolve())
-    for attr in ("labels_file", "saliency_dir"):
-        v = getattr(out.data, attr)
+    for key in path_keys(out):
+        v = get_key(out, key)
         if v:
-            setattr(out.data, attr, str((base / v).resolve()))
+            set_key(out, key, storage.absolute(v, base))
     return out
 
 
 def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
-    """Paths that must exist before a run starts (relative paths are relative to the working directory)."""
+    """Paths that must exist before a run starts (local paths relative to the working directory, or URLs)."""
+    from rca_core import storage
+
     problems = []
-    if cfg.data.kind != "demo" and not Path(cfg.data.root).is_dir():
+    opts = cfg.storage
+
+    def there(v: str, want_dir: bool = False) -> bool:
+        try:
+            return storage.is_dir(v, opts) if want_dir else storage.exists(v, opts)
+        except storage.MissingExtraError as e:
+            problems.append(f"  {e}")
+            return True
+        except Exception:  # noqa: BLE001 - unreachable endpoint, bad credentials, ...: say the path is not there
+            return False
+
+    if cfg.data.kind != "demo" and not there(cfg.data.root, want_dir=True):
         problems.append(f"  data.root: directory not found: {cfg.data.root}")
-    for key, value in [("data.labels_file", cfg.data.labels_file), ("data.saliency_dir", cfg.data.saliency_dir),
-                       ("cam.backbone.pretrained", cfg.cam.backbone.pretrained),
-                       ("refine.affinity.backbone.pretrained", cfg.refine.affinity.backbone.pretrained),
-                       ("segmenter.pretrained", cfg.segmenter.pretrained)]:
-        if value and not Path(value).exists():
+    for key in ("data.labels_file", "data.saliency_dir", *WEIGHT_KEYS):
+        value = get_key(cfg, key)
+        if value and not there(value):
             problems.append(f"  {key}: path not found: {value}")
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
 
 
-__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]
+def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
+    """A copy whose local pretrained-weight files are copied into the store (once, by content hash) and
+    named by their store URL, so that workers on nodes that cannot see the driver's disk load them.
+    Only for remote stores; local stores keep the (absolute) paths. Stage keys do not change: they hash
+    the weights' content, not their location (rca_core.stages.weights_identity)."""
+    from rca_core import storage
+
+    store_url = store_url or cfg.store
+    if not storage.is_url(store_url):
+        return cfg
+    out = cfg.model_copy(deep=True)
+    for key in WEIGHT_KEYS:
+        v = get_key(out, key)
+        if not v or storage.is_url(v):
+            continue
+        digest = storage.content_hash(v)
+        target = storage.join(store_url, "_inputs", "weights", digest, Path(v).name)
+        if not storage.exists(target, out.storage):
+            storage.write_bytes(target, Path(v).read_bytes(), out.storage)
+        set_key(out, key, target)
+    return out
+
+
+__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]

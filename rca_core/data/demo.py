@@ -272,19 +272,19 @@ def demo_meta(cfg: DemoConfig) -> dict:
     }
 
 
-def read_meta(root: str | Path) -> dict | None:
-    p = Path(root) / "meta.json"
-    if not p.is_file():
-        return None
+def read_meta(root: str | Path, storage_options=None) -> dict | None:
+    """root/meta.json of a demo tree (root may be a URL), None when absent or unreadable."""
+    from rca_core import storage
+
     try:
-        return json.loads(p.read_text())
+        return json.loads(storage.read_bytes(storage.join(str(root), "meta.json"), storage_options))
     except (OSError, ValueError):
         return None
 
 
-def is_current(root: str | Path, cfg: DemoConfig) -> bool:
+def is_current(root: str | Path, cfg: DemoConfig, storage_options=None) -> bool:
     """True when root holds a complete demo tree generated for exactly this DemoConfig."""
-    meta = read_meta(root)
+    meta = read_meta(root, storage_options)
     return meta is not None and meta == demo_meta(cfg)
 
 
@@ -370,13 +370,38 @@ def _swap_in(tmp: Path, out: Path, cfg: DemoConfig, keep_current: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_demo(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> Path:
-    """Return cfg.root, generating the demo tree there first when missing or made for another DemoConfig."""
-    root = Path(cfg.root)
-    if is_current(root, cfg.demo):
-        return root
-    return make_demo(root, cfg.demo, workers=workers, progress=progress, keep_current=True)
+class DemoNotReadyError(FileNotFoundError):
+    """A worker found no current demo tree at data.root (only the driver generates it)."""
 
 
-__all__ = ["make_demo", "ensure_demo", "render", "demo_class_names", "demo_meta", "is_current",
+def ensure_demo(cfg: DataConfig, *, workers: int = 1, progress: bool = True, generate: bool = True,
+                storage_options=None) -> str | Path:
+    """Return cfg.root, generating the demo tree there first when missing or made for another DemoConfig.
+
+    A URL root (s3://bucket/demo) is generated once into a local temporary folder and uploaded, meta.json
+    last (a tree with meta.json is complete). generate=False (workers): raise DemoNotReadyError naming
+    the root and this host instead of generating a private copy on a node the driver cannot see.
+    """
+    from rca_core import storage
+
+    root = cfg.root
+    if is_current(root, cfg.demo, storage_options):
+        return root if storage.is_url(root) else Path(storage.local_path(root))
+    if not generate:
+        raise DemoNotReadyError(
+            f"demo data set not found (or made for other settings) at data.root {root} from host {storage.host()}: "
+            "the driver generates it before a stage fans out, so this node does not see the driver's data.root "
+            "(use object storage such as s3://... or a folder mounted at the same path on every node)")
+    if not storage.is_url(root):
+        return make_demo(storage.local_path(root), cfg.demo, workers=workers, progress=progress, keep_current=True)
+    with tempfile.TemporaryDirectory(prefix="rca-demo-") as tmp:
+        local = make_demo(Path(tmp) / "demo", cfg.demo, workers=workers, progress=progress)
+        meta = (local / "meta.json").read_bytes()
+        (local / "meta.json").unlink()
+        storage.upload_tree(local, root, storage_options)
+        storage.write_bytes(storage.join(root, "meta.json"), meta, storage_options)
+    return root
+
+
+__all__ = ["make_demo", "ensure_demo", "DemoNotReadyError", "render", "demo_class_names", "demo_meta", "is_current",
            "GENERATOR_VERSION", "SHAPES", "TEXTURES", "image_id"]

@@ -1,6 +1,7 @@
 """The PASCAL VOC colour palette: palette PNG export and colourised overlays of label maps."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -25,18 +26,30 @@ def voc_palette(n: int = 256) -> np.ndarray:
 PALETTE = voc_palette()
 
 
-def save_palette_png(mask: np.ndarray, path: str | Path, atomic: bool = False) -> None:
-    """Write a uint8 label map as a palette ('P' mode) PNG with the VOC colours."""
+def _palette_image(mask: np.ndarray, what: str) -> Image.Image:
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask for {path} must be 2-D, got shape {mask.shape}")
+        raise ValueError(f"mask for {what} must be 2-D, got shape {mask.shape}")
     if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
-            raise ValueError(f"mask for {path} has values outside 0..255")
+            raise ValueError(f"mask for {what} has values outside 0..255")
         mask = mask.astype(np.uint8)
     mask = np.ascontiguousarray(mask)
     im = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
     im.putpalette(PALETTE.tobytes())
+    return im
+
+
+def palette_png_bytes(mask: np.ndarray) -> bytes:
+    """A uint8 label map as the bytes of a palette ('P' mode) PNG with the VOC colours."""
+    buf = io.BytesIO()
+    _palette_image(mask, "a PNG").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_palette_png(mask: np.ndarray, path: str | Path, atomic: bool = False) -> None:
+    """Write a uint8 label map as a palette ('P' mode) PNG with the VOC colours."""
+    im = _palette_image(mask, str(path))
     path = Path(path)
     if atomic:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -59,4 +72,4 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return np.clip(img * (1 - a) + col * a, 0, 255).astype(np.uint8)
 
 
-__all__ = ["PALETTE", "voc_palette", "save_palette_png", "colourise", "overlay"]
+__all__ = ["PALETTE", "voc_palette", "save_palette_png", "palette_png_bytes", "colourise", "overlay"]

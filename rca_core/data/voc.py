@@ -6,10 +6,14 @@
     root/ImageSets/Segmentation/{split}.txt  one id per line
     root/labels.json (optional)            {id: [class ids]}; or a cls_labels.npy given as labels_file
 
+The root may be a local path or a URL (s3://bucket/VOC2012, ...): every file is read through the
+project's I/O layer (rca_core.storage), so a worker on a node that cannot see the driver's disk reads
+the same tree. Each image folder is listed once (not one existence check per image).
 Errors name the file, the image id and the offending value (DataError).
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rca_core import storage
 from rca_core.config.data import VOC_CLASSES
 
 from .palette import PALETTE
@@ -50,42 +55,53 @@ def parse_split_line(line: str) -> str:
     return m.group("id") if m else line
 
 
-def read_split(root: str | Path, split: str) -> list[str]:
+def _text(location: str, opts=None) -> str | None:
+    """A text file's content through the I/O layer, None when it does not exist."""
+    try:
+        return storage.read_bytes(location, opts).decode()
+    except FileNotFoundError:
+        return None
+
+
+def read_split(root: str | Path, split: str, storage_options=None) -> list[str]:
     """Ids of ImageSets/Segmentation/{split}.txt (raw, not validated)."""
-    path = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not path.is_file():
+    path = storage.join(str(root), "ImageSets", "Segmentation", f"{split}.txt")
+    text = _text(path, storage_options)
+    if text is None:
         raise DataError(f"split file not found: {path}")
-    return [parse_split_line(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [parse_split_line(ln) for ln in text.splitlines() if ln.strip()]
 
 
-def default_class_names(root: str | Path, num_classes: int) -> list[str]:
+def default_class_names(root: str | Path, num_classes: int, storage_options=None) -> list[str]:
     """Names from root/meta.json when it has the right count, VOC names for 21 classes, else class{i}."""
-    meta = Path(root) / "meta.json"
-    if meta.is_file():
+    text = _text(storage.join(str(root), "meta.json"), storage_options)
+    if text is not None:
         try:
-            names = json.loads(meta.read_text()).get("class_names")
+            names = json.loads(text).get("class_names")
             if isinstance(names, list) and len(names) == num_classes:
                 return [str(n) for n in names]
-        except (OSError, ValueError):
+        except ValueError:
             pass
     if num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
     return ["background"] + [f"class{i}" for i in range(1, num_classes)]
 
 
-def load_labels_file(path: str | Path, num_classes: int) -> dict[str, list[int]]:
+def load_labels_file(path: str | Path, num_classes: int, storage_options=None) -> dict[str, list[int]]:
     """Image-level tags: a JSON {id: [class ids]} or IRN's cls_labels.npy {id: multi-hot over fg classes}.
 
     cls_labels.npy keys may be strings or IRN's integer form of the id (underscores removed); integer
-    keys are stored as their decimal string and matched by `lookup_tags`.
+    keys are stored as their decimal string and matched by `lookup_tags`. `path` may be a URL.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"labels file not found: {path}")
+    try:
+        data = storage.read_bytes(path, storage_options)
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataError(f"labels file not found: {path}") from None
+    suffix = Path(str(path)).suffix
     out: dict[str, list[int]] = {}
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(data)
         except ValueError as e:
             raise DataError(f"labels file {path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
@@ -94,9 +110,9 @@ def load_labels_file(path: str | Path, num_classes: int) -> dict[str, list[int]]
             if not isinstance(v, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in v):
                 raise DataError(f"labels file {path}: entry {k!r} must be a list of integer class ids, got {v!r}")
             out[str(k)] = sorted(set(v))
-    elif path.suffix == ".npy":
+    elif suffix == ".npy":
         try:
-            raw = np.load(path, allow_pickle=True)  # IRN stores a pickled dict; only load files you trust
+            raw = np.load(io.BytesIO(data), allow_pickle=True)  # IRN stores a pickled dict; only load files you trust
             raw = raw.item() if raw.dtype == object and raw.shape == () else raw
         except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
             raise DataError(f"cannot read labels file {path}: {e}") from None
@@ -122,10 +138,11 @@ def lookup_tags(labels: dict[str, list[int]], image_id: str) -> list[int] | None
     return None
 
 
-def read_mask_file(path: Path) -> np.ndarray:
-    """A label PNG as uint8 (H, W): palette index ('P'), grey value ('L'), or VOC colour ('RGB')."""
+def read_mask_file(path, fileobj=None) -> np.ndarray:
+    """A label PNG as uint8 (H, W): palette index ('P'), grey value ('L'), or VOC colour ('RGB').
+    `fileobj`: an open file to read instead of `path` (which then only names it in errors)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(fileobj if fileobj is not None else path) as im:
             im.load()
             mode = im.mode
             if mode in ("P", "L"):
@@ -151,27 +168,32 @@ def read_mask_file(path: Path) -> np.ndarray:
 
 
 class VOCDataset:
-    """One split of a VOC-layout tree. See docs/architecture.md (Data API)."""
+    """One split of a VOC-layout tree (local path or URL). See docs/architecture.md (Data API)."""
 
     def __init__(self, root: str | Path, split: str = "train", num_classes: int = 21,
                  class_names: list[str] | None = None, mask_dir: str = "auto",
                  labels_file: str | Path | None = None, max_images: int | None = None,
-                 check_files: bool = True):
-        self.root = Path(root)
+                 check_files: bool = True, storage_options=None):
+        self.location = str(root)
+        self.is_remote = storage.is_url(self.location)
+        self.root = self.location if self.is_remote else Path(storage.local_path(self.location))
+        self.storage_options = storage_options
+        self.fs, self._root = storage.filesystem(self.location, storage_options)
         self.split = split
         self.num_classes = int(num_classes)
         if mask_dir not in ("auto",) + MASK_DIRS:
             raise DataError(f"mask_dir must be auto, SegmentationClassAug or SegmentationClass, got {mask_dir!r}")
         self.mask_dir = mask_dir
-        if not self.root.is_dir():
-            raise DataError(f"data set root not found: {self.root}")
-        self.class_names = list(class_names) if class_names else default_class_names(self.root, self.num_classes)
+        if not storage.is_dir(self.location, storage_options):
+            raise DataError(f"data set root not found: {self.location} (from host {storage.host()})")
+        self.class_names = (list(class_names) if class_names
+                            else default_class_names(self.location, self.num_classes, storage_options))
         if len(self.class_names) != self.num_classes:
             raise DataError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
-        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        ids = read_split(self.root, split)
+        split_file = self._uri("ImageSets", "Segmentation", f"{split}.txt")
+        ids = read_split(self.location, split, storage_options)
         for i in ids:
-            validate_id(i, str(split_file))
+            validate_id(i, split_file)
         seen: set[str] = set()
         dup = [i for i in ids if i in seen or seen.add(i)]
         if dup:
@@ -179,21 +201,50 @@ class VOCDataset:
         if max_images is not None:
             ids = ids[:max_images]
         self.ids: list[str] = ids
-        self._image_paths: dict[str, Path] = {}
+        self._listings: dict[str, dict[str, str]] = {}
         if check_files:
             for i in ids:
                 self.image_path(i)
-        if labels_file is None and (self.root / "labels.json").is_file():
-            labels_file = self.root / "labels.json"
-        self.labels_file = Path(labels_file) if labels_file is not None else None
-        self._labels = load_labels_file(self.labels_file, self.num_classes) if self.labels_file else None
+        if labels_file is None and self.fs.exists(self._path("labels.json")):
+            labels_file = self._uri("labels.json")
+        self.labels_file = labels_file if labels_file is None or storage.is_url(str(labels_file)) else Path(labels_file)
+        self._labels = (load_labels_file(self.labels_file, self.num_classes, storage_options)
+                        if self.labels_file else None)
         self._tags: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __repr__(self) -> str:
-        return f"VOCDataset({str(self.root)!r}, split={self.split!r}, n={len(self.ids)}, num_classes={self.num_classes})"
+        return f"VOCDataset({self.location!r}, split={self.split!r}, n={len(self.ids)}, num_classes={self.num_classes})"
+
+    def __getstate__(self):  # picklable for DataLoader workers: the file system is rebuilt from the URL
+        d = dict(self.__dict__)
+        d.pop("fs", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.fs, _ = storage.filesystem(self.location, self.storage_options)
+
+    def _path(self, *parts: str) -> str:
+        return storage.join(self._root, *parts)
+
+    def _uri(self, *parts: str) -> str:
+        return storage.join(self.location, *parts)
+
+    def _listing(self, folder: str) -> dict[str, str]:
+        """{file name: path in fs} of one folder, listed once (one request on object storage)."""
+        if folder not in self._listings:
+            try:
+                names = self.fs.ls(self._path(folder), detail=False)
+            except (FileNotFoundError, NotADirectoryError):
+                names = []
+            self._listings[folder] = {str(n).rstrip("/").rsplit("/", 1)[-1]: str(n) for n in names}
+        return self._listings[folder]
+
+    def _display(self, fs_path: str) -> str:
+        return fs_path if not self.is_remote else f"{self.location.split('://', 1)[0]}://{fs_path}"
 
     def _id(self, i) -> str:
         if isinstance(i, (int, np.integer)):
@@ -201,27 +252,25 @@ class VOCDataset:
         return validate_id(str(i))
 
     # --------------------------------------------------------------------------------- paths
-    def image_path(self, i) -> Path:
+    def image_path(self, i) -> Path | str:
+        """The image file: a Path for a local tree, a URL for a remote one."""
         iid = self._id(i)
-        p = self._image_paths.get(iid)
-        if p is not None:
-            return p
+        listing = self._listing("JPEGImages")
         for ext in IMAGE_EXTS:
-            cand = self.root / "JPEGImages" / f"{iid}{ext}"
-            if cand.is_file():
-                self._image_paths[iid] = cand
-                return cand
+            p = listing.get(f"{iid}{ext}")
+            if p is not None:
+                return Path(p) if not self.is_remote else self._display(p)
         raise DataError(f"image {iid!r} listed in split {self.split!r} has no file: "
-                        f"{self.root / 'JPEGImages' / (iid + '.jpg')} not found")
+                        f"{self._uri('JPEGImages', iid + '.jpg')} not found")
 
-    def mask_path(self, i) -> Path:
+    def mask_path(self, i) -> Path | str:
         iid = self._id(i)
         dirs = MASK_DIRS if self.mask_dir == "auto" else (self.mask_dir,)
         for d in dirs:
-            cand = self.root / d / f"{iid}.png"
-            if cand.is_file():
-                return cand
-        tried = ", ".join(str(self.root / d / f"{iid}.png") for d in dirs)
+            p = self._listing(d).get(f"{iid}.png")
+            if p is not None:
+                return Path(p) if not self.is_remote else self._display(p)
+        tried = ", ".join(self._uri(d, f"{iid}.png") for d in dirs)
         raise DataError(f"no mask for image {iid!r}: tried {tried}")
 
     def has_mask(self, i) -> bool:
@@ -231,12 +280,17 @@ class VOCDataset:
         except DataError:
             return False
 
+    def _open(self, path):
+        if not self.is_remote:
+            return open(path, "rb")
+        return self.fs.open(str(path).split("://", 1)[1], "rb")
+
     # ---------------------------------------------------------------------------------- data
     def image(self, i) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
         path = self.image_path(i)
         try:
-            with Image.open(path) as im:
+            with self._open(path) as f, Image.open(f) as im:
                 im.load()  # decode now: a truncated file fails here
                 return np.array(im.convert("RGB"), dtype=np.uint8)
         except Exception as e:  # noqa: BLE001
@@ -246,7 +300,7 @@ class VOCDataset:
         """(H, W) from the image header, without decoding."""
         path = self.image_path(i)
         try:
-            with Image.open(path) as im:
+            with self._open(path) as f, Image.open(f) as im:
                 w, h = im.size
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {self._id(i)!r} ({path}): {e}") from None
@@ -256,7 +310,12 @@ class VOCDataset:
         """(H, W) uint8 class ids, 255 = ignore. Checked against the image size and the class list."""
         iid = self._id(i)
         path = self.mask_path(iid)
-        m = read_mask_file(path)
+        try:
+            f = self._open(path)
+        except OSError as e:
+            raise DataError(f"cannot read mask {path}: {e}") from None
+        with f:
+            m = read_mask_file(path, f)
         hw = self.size(iid)
         if m.shape != hw:
             raise DataError(f"mask of image {iid!r} ({path}) is {m.shape[0]}x{m.shape[1]} but the image is {hw[0]}x{hw[1]}")

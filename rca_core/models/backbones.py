@@ -16,7 +16,6 @@ naming the path. Without a path the weights are randomly initialised.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -161,13 +160,17 @@ def _unwrap_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(net: nn.Module, path: str) -> None:
-    """Load a local state dict into `net` (classifier keys like fc.* are ignored). Strict otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise PretrainedWeightsError(f"pretrained weights file not found: {path} (backbone.pretrained; "
-                                     "nothing is downloaded - give a local file or leave it empty)")
+    """Load a state dict (a local file, or a URL such as the copy the driver staged into the store) into
+    `net` (classifier keys like fc.* are ignored). Strict otherwise."""
+    from rca_core import storage
+    from rca_core.train_utils import load_torch
+
+    ref = storage.file_ref(path)
+    if not ref.exists():
+        raise PretrainedWeightsError(f"pretrained weights file not found: {path} (backbone.pretrained; on host "
+                                     f"{storage.host()}; nothing is downloaded - give a local file or leave it empty)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = load_torch(ref)
     except Exception as e:
         raise PretrainedWeightsError(f"pretrained weights {path} could not be read: {type(e).__name__}: {e}") from e
     sd = {k: v for k, v in _unwrap_state_dict(obj, path).items() if not k.startswith("fc.")}

@@ -99,8 +99,50 @@ def stage_plan(name: str, cfg: RunConfig, inputs: dict[str, str]) -> StagePlan:
     """One stage's plan given its inputs' keys (e.g. to refine CAMs from another source)."""
     modname, _, section, split_attr = _REGISTRY[name]
     code = getattr(_maybe_module(modname), "CODE_VERSION", "0")
-    fp = fingerprint(name, code, section(cfg), data_identity(cfg), cfg.seed, inputs)
+    fp = fingerprint(name, code, weights_identity(section(cfg)), data_identity(cfg), cfg.seed, inputs)
     return StagePlan(name, fp, inputs, getattr(cfg.data, split_attr), modname)
+
+
+_WEIGHT_HASHES: dict[tuple, str] = {}
+
+
+def weights_identity(section: Any) -> Any:
+    """The section as JSON with every `pretrained` file replaced by the hash of its content: a stage key
+    names the weights, not where they are (a local path, another working directory, or the copy that
+    rca_core.config.stage_weights put in the store under _inputs/weights/<hash>/)."""
+    from pydantic_core import to_jsonable_python
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            return {k: (_weights_hash(v) if k == "pretrained" and isinstance(v, str) and v else walk(v))
+                    for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return obj
+
+    return walk(to_jsonable_python(section))
+
+
+def _weights_hash(location: str) -> str:
+    import os
+    import re
+
+    from rca_core import storage
+
+    m = re.search(r"/_inputs/weights/([0-9a-f]{16})/[^/]+$", location)
+    if m:
+        return f"sha256:{m.group(1)}"
+    if storage.is_url(location):
+        key = (location,)
+    else:
+        try:
+            st = os.stat(location)
+        except OSError:
+            return f"missing:{location}"  # load time names the missing file
+        key = (os.path.abspath(location), st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHT_HASHES:
+        _WEIGHT_HASHES[key] = storage.content_hash(location)
+    return f"sha256:{_WEIGHT_HASHES[key]}"
 
 
 def _maybe_module(modname: str):
@@ -127,13 +169,14 @@ def upstream_closure(name: str, cfg: RunConfig) -> list[str]:
 
 
 def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> StageContext:
+                 progress: Callable[[int, int], None] | None = None, generate: bool = True) -> StageContext:
+    """A stage's context. Workers pass generate=False: they never generate the demo data set."""
     from rca_core.data import make_dataset
     from rca_core.device import pick_device
 
     plans = plans or plan(cfg)
     p = plans[name]
-    ds = make_dataset(cfg.data, p.split)
+    ds = make_dataset(cfg.data, p.split, generate=generate, progress=generate, storage_options=cfg.storage)
     if not ds.ids:
         split_file = f"{cfg.data.root}/ImageSets/Segmentation/{p.split}.txt"
         raise ValueError(f"stage {name}: split {p.split!r} lists no images ({split_file}); nothing to run on")
@@ -153,7 +196,7 @@ def record_run(cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan]
 def run_stage(name: str, cfg: RunConfig, store: ArtifactStore | str | None = None, *,
               with_upstream: bool = True, show_progress: bool = True) -> dict:
     """Run one stage (and, by default, any unfinished upstream stage) in this process. Returns its summary."""
-    store = store if isinstance(store, ArtifactStore) else ArtifactStore(store or cfg.store)
+    store = store if isinstance(store, ArtifactStore) else ArtifactStore(store or cfg.store, cfg.storage)
     plans = plan(cfg)
     record_run(cfg, store, plans)
     order = upstream_closure(name, cfg) if with_upstream else [name]
@@ -182,14 +225,14 @@ def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: di
     t0 = time.time()
     if hasattr(mod, "Worker"):
         ctx.out.prepare(getattr(mod, "FIELDS", ()))
-        todo = ctx.out.pending(ctx.ids, verify=True)
-        backfill_manifest(ctx.out, ctx.ids, todo)
+        maybe_done = set(ctx.out.done_ids())
         worker = mod.Worker(cfg, ctx)
-        rows = process_images(worker, todo, show_progress=show_progress, desc=name)
-        ctx.out.write_manifest(rows)
+        rows = process_images(worker, ctx.ids, show_progress=show_progress, desc=name, out=ctx.out,
+                              maybe_done=maybe_done)
+        ctx.out.write_manifest(new_manifest_rows(ctx.out, rows))
         summary = dict(mod.finalize(cfg, ctx) or {})
         summary.setdefault("images", len(ctx.ids))
-        summary.setdefault("recomputed_images", len(todo))
+        summary.setdefault("recomputed_images", sum(r["status"] == "done" for r in rows))
     elif hasattr(mod, "train"):
         ctx.out.prepare(())
         summary = dict(mod.train(cfg, ctx) or {})
@@ -201,32 +244,43 @@ def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: di
     return summary
 
 
-def backfill_manifest(out: StageOutput, ids: list[str], todo: list[str]) -> int:
-    """Manifest rows for images finished before an interruption whose shard never reported back
-    (their rows are written by the driver only when a shard returns). Returns how many were added."""
-    pending = set(todo)
+KEPT = "kept"  # manifest status of an image found finished (verified) instead of computed
+
+
+def new_manifest_rows(out: StageOutput, rows: list[dict]) -> list[dict]:
+    """The rows to append to the manifest: every computed image, and kept images the manifest lacks
+    (finished before an interruption whose shard never reported back)."""
+    kept = [r for r in rows if r["status"] == KEPT]
+    if not kept:
+        return rows
     have = set(out.manifest().column("image_id").to_pylist())
-    missing = [i for i in ids if i not in pending and i not in have]
-    out.write_manifest([{"image_id": i, "status": "done (before an interruption; no timing)"} for i in missing])
-    return len(missing)
+    return [r for r in rows if r["status"] != KEPT or r["image_id"] not in have]
 
 
 def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
-                   on_done: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Run worker.process over ids; returns manifest rows (image_id, seconds, status + stage stats)."""
+                   on_done: Callable[[int, int], None] | None = None, out: StageOutput | None = None,
+                   maybe_done: set[str] | None = None) -> list[dict]:
+    """Run worker.process over ids; returns manifest rows (image_id, status, seconds, written_at + stage stats).
+
+    Resume: an id in `maybe_done` (it has arrays in `out`) is verified first (every field read back, checksum
+    checked); a finished one is kept (status "kept", not recomputed), a damaged one is computed again."""
     from tqdm.auto import tqdm
 
     rows = []
     it = tqdm(ids, desc=desc, disable=not show_progress, leave=False)
     for k, image_id in enumerate(it):
         t = time.perf_counter()
-        stats = worker.process(image_id) or {}
-        rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t, **stats})
+        if out is not None and maybe_done and image_id in maybe_done and out.is_done(image_id, verify=True):
+            rows.append({"image_id": image_id, "status": KEPT, "seconds": time.perf_counter() - t})
+        else:
+            stats = worker.process(image_id) or {}
+            rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t,
+                         "written_at": time.time(), **stats})
         if on_done:
             on_done(k + 1, len(ids))
     return rows
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",
-           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images", "backfill_manifest", "stage_plan",
+           "stage_inputs", "stage_kind", "record_run", "upstream_closure", "process_images", "new_manifest_rows", "stage_plan",
            "run_planned_stage"]

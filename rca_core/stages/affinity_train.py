@@ -102,8 +102,8 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     max_steps = max(1, int(round(acfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
-    ckpt_path = ctx.out.path_for("checkpoint.pt")
-    state = tu.load_checkpoint(ckpt_path, net, opt)
+    ckpt = ctx.checkpointer()
+    state = tu.load_checkpoint(ckpt, net, opt)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     history = list(state["extra"].get("history", [])) if state else []
     elapsed = float(state["extra"].get("seconds", 0.0)) if state else 0.0
@@ -140,14 +140,15 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
         elapsed += time.time() - t0
         history.append({"epoch": epoch + 1, "steps": n, **{k: tu.all_reduce_mean(v / max(n, 1), device)
                                                            for k, v in sums.items()}})
-        tu.save_checkpoint(ckpt_path, net, opt, epoch + 1, step,
+        tu.save_checkpoint(ckpt, net, opt, epoch + 1, step,
                            extra={"history": history, "seconds": elapsed, "stopped_early": stopped_early})
 
     if tu.is_main():
-        tu.save_checkpoint(ctx.out.path_for("model.pt"), net, None, len(history), step, with_rng=False)
+        tu.save_checkpoint(ctx.out.file("model.pt"), net, None, len(history), step, with_rng=False)
         if history:
             ctx.out.write_table("history", history)  # per-epoch losses (the run report plots "loss")
     tu.barrier()
     return {"steps": step, "max_steps": max_steps, "epochs": len(history), "train_seconds": elapsed,
+            "resumed_from_epoch": state["epoch"] if state else None,
             "stopped_early": stopped_early, "history": history,
             "final_loss": history[-1]["loss"] if history else None}

@@ -25,7 +25,7 @@ class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].path_for("model.pt"), ctx.device)
+        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].file("model.pt"), ctx.device)
         if self.model.use_aggregation:
             protos, valid = load_prototypes(ctx.inputs["memory_build"])
             self.model.set_prototypes(protos.to(ctx.device), valid.to(ctx.device))

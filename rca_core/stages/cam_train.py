@@ -125,15 +125,15 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     tu.seed_everything(cfg.seed)
     model = CamNet(cam_cfg, cfg.data.num_classes).to(device)
     opt = build_optimizer(model, tc)
-    ckpt_path = ctx.out.path_for("checkpoint.pt")
-    state = tu.load_checkpoint(ckpt_path, model, opt, map_location=device)
+    ckpt = ctx.checkpointer()
+    state = tu.load_checkpoint(ckpt, model, opt, map_location=device)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     extra = state["extra"] if state else {}
     history: list[dict] = list(extra.get("history", []))
     elapsed0 = float(extra.get("elapsed", 0.0))
     finished = bool(extra.get("finished", False))
     if state:
-        log.info("cam_train: resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
+        log.info("cam_train: resumed from %s at epoch %d, step %d", ckpt.describe(), start_epoch, step)
 
     data = CamTrainSet(ctx.dataset, ctx.ids, cfg.data.num_classes, tc.crop_size, tc.resize_long, cfg.seed)
     if len(data) == 0:
@@ -215,7 +215,7 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
         history.append(row)
         log.info("cam_train epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if v is not None})
         finished = stopped_by_time or step >= total_steps
-        tu.save_checkpoint(ckpt_path, model, opt, epoch + 1, step,
+        tu.save_checkpoint(ckpt, model, opt, epoch + 1, step,
                            extra={"history": history, "elapsed": elapsed0 + time.time() - t_start,
                                   "finished": finished, "stopped_by_time": stopped_by_time})
         epochs_this_call += 1
@@ -227,16 +227,13 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
 
     elapsed = elapsed0 + time.time() - t_start
     if tu.is_main():
-        model_path = ctx.out.path_for("model.pt")
-        tmp = model_path + ".tmp"
-        torch.save(model.state_dict(), tmp)
-        import os
-        os.replace(tmp, model_path)
+        tu.save_torch(ctx.out.file("model.pt"), model.state_dict())
         if history:
             ctx.out.write_table("history", history)
     tu.barrier()
     last = history[-1] if history else {}
     return {"finished": True, "epochs_done": len(history), "steps": step, "total_steps": total_steps,
+            "resumed_from_epoch": state["epoch"] if state else None,
             "steps_per_epoch": steps_per_epoch, "stopped_by_time": bool(stopped_by_time or extra.get("stopped_by_time")),
             "train_seconds": elapsed, "final_loss": last.get("loss"), "final_map": last.get("map"),
             "rca": {"memory": model.use_memory, "contrast": model.use_contrast, "aggregation": model.use_aggregation},

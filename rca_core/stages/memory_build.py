@@ -29,7 +29,7 @@ class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].path_for("model.pt"), ctx.device)
+        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].file("model.pt"), ctx.device)
 
     @torch.no_grad()
     def embed(self, image_id: str) -> tuple[np.ndarray, list[int]]:

@@ -40,7 +40,7 @@ class Worker:
             aff_out = ctx.inputs["affinity_train"]
             if not aff_out.has_file("model.pt"):
                 raise FileNotFoundError(f"no trained AffinityNet in {aff_out.uri}/files/model.pt")
-            self.net = load_affinity_net(cfg.refine.affinity, aff_out.path_for("model.pt"), ctx.device)
+            self.net = load_affinity_net(cfg.refine.affinity, aff_out.file("model.pt"), ctx.device)
 
     @torch.no_grad()
     def affinities(self, image: np.ndarray) -> torch.Tensor:
@@ -69,23 +69,10 @@ class Worker:
 
 
 def export_png(out, image_id: str, mask: np.ndarray) -> None:
-    """VOC palette PNG at files/png/<id>.png of the stage (local stores: atomic rename; remote: via fsspec)."""
-    import os
-    import tempfile
+    """VOC palette PNG at files/png/<id>.png of the stage, through the store (atomic locally)."""
+    from rca_core.data.palette import palette_png_bytes
 
-    from rca_core.data.palette import save_palette_png
-
-    if out.store.is_local:
-        save_palette_png(mask, out.path_for(f"png/{image_id}.png"), atomic=True)
-        return
-    fd, tmp = tempfile.mkstemp(suffix=".png")
-    os.close(fd)
-    try:
-        save_palette_png(mask, tmp)
-        with open(tmp, "rb") as src, out.open_file(f"png/{image_id}.png", "wb") as dst:
-            dst.write(src.read())
-    finally:
-        os.unlink(tmp)
+    out.write_file(f"png/{image_id}.png", palette_png_bytes(mask))
 
 
 def finalize(cfg: RunConfig, ctx: StageContext) -> dict:

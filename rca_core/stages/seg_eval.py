@@ -28,7 +28,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
         seg = cfg.segmenter
-        model, meta = load_segmenter(ctx.inputs["seg_train"].path_for(MODEL_FILE), ctx.device)
+        model, meta = load_segmenter(ctx.inputs["seg_train"].file(MODEL_FILE), ctx.device)
         if int(meta["num_classes"]) != cfg.data.num_classes:
             raise ValueError(f"segmenter has {meta['num_classes']} classes, data.num_classes is {cfg.data.num_classes}")
         self.predictor = Predictor(model, meta, ctx.device, seg.eval_scales, seg.eval_flip)

@@ -17,10 +17,7 @@ DistributedSampler, the global batch split over the ranks, and only rank 0 write
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,19 +125,11 @@ def make_optimizer(model: nn.Module, seg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=seg.lr, weight_decay=seg.weight_decay)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, meta: dict, extra: dict | None = None) -> None:
-    """The inference checkpoint: {"model", "meta", ...}, atomic (tmp + os.replace), rank 0 only."""
+def save_model(location, model: nn.Module, meta: dict, extra: dict | None = None) -> None:
+    """The inference checkpoint: {"model", "meta", ...} to a store file / path / URL (atomic), rank 0 only."""
     if not tu.is_main():
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save({"model": tu.unwrap(model).state_dict(), "meta": meta, **(extra or {})}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tu.save_torch(location, {"model": tu.unwrap(model).state_dict(), "meta": meta, **(extra or {})})
 
 
 def loss_table(history: list[dict]) -> str:
@@ -180,14 +169,14 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     max_steps = max(1, round(seg.epochs * steps_per_epoch))
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
-    ckpt = ctx.out.path_for(CHECKPOINT)
-    info = tu.load_checkpoint(ckpt, model, optimizer, map_location="cpu")  # RNG states must stay on the CPU
+    ckpt = ctx.checkpointer()
+    info = tu.load_checkpoint(ckpt, model, optimizer, map_location="cpu")
     start_epoch, step, history = 0, 0, []
     if info is not None:
         start_epoch, step = info["epoch"], info["step"]
         history = list(info["extra"].get("history", []))
         if info["extra"].get("max_steps") not in (None, max_steps):
-            raise RuntimeError(f"checkpoint {ckpt} was written for {info['extra']['max_steps']} steps but this run "
+            raise RuntimeError(f"checkpoint {ckpt.describe()} was written for {info['extra']['max_steps']} steps but this run "
                                f"has {max_steps}; delete it to start afresh")
     resumed_from = start_epoch if info is not None else None
     ddp = tu.wrap_ddp(model, device)
@@ -251,7 +240,7 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             ctx.progress(epoch + 1, n_epochs)
     train_seconds = time.time() - t_train
 
-    model_path = ctx.out.path_for(MODEL_FILE)
+    model_path = ctx.out.file(MODEL_FILE)
     save_model(model_path, ddp, meta, {"history": history, "labels": seg.labels, "steps": step})
     if tu.is_main():
         if history:
@@ -267,4 +256,4 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             "seconds_per_epoch": (sum(h["seconds"] for h in full) / len(full)) if full else None,
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,
-            "epoch_losses": [h["loss"] for h in history], "model": model_path, "world_size": world}
+            "epoch_losses": [h["loss"] for h in history], "model": model_path.uri, "world_size": world}
