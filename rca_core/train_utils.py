@@ -11,6 +11,9 @@
   (each param group keeps its own `base_lr`, so new layers at 10x keep their ratio);
 - distributed: `is_dist`, `rank`, `world_size`, `is_main`, `wrap_ddp`, `unwrap`, `make_sampler`,
   `all_reduce_mean`, `barrier` (all of them work without torch.distributed);
+- batches: every training stage's `batch_size` is the global batch; `split_batch` / `rank_shares` give
+  each rank's share (as even as possible), `GlobalBatchSampler` the same batches and steps for any
+  worker count, `global_mean` loss terms that average over the global batch under DDP;
 - `progress(iterable, ...)`: tqdm, shown on rank 0 only;
 - `multilabel_map(scores, targets)`: mean average precision over classes with at least one positive.
 """
@@ -112,6 +115,92 @@ def make_sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool =
     if not is_dist():
         return None
     return torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+def rank_shares(global_batch: int, world: int) -> list[int]:
+    """How a global batch is split over `world` ranks: as evenly as possible, the first
+    global_batch % world ranks take one image more (16 on 4 workers: 4 each; 10 on 4: 3, 3, 2, 2)."""
+    q, r = divmod(int(global_batch), int(world))
+    return [q + (1 if i < r else 0) for i in range(int(world))]
+
+
+def split_batch(batch_size: int, n_items: int, key: str) -> tuple[int, int]:
+    """(global batch, this rank's share) for a training stage whose config `key` is the GLOBAL batch (images
+    per optimizer step over all workers). Shares follow `rank_shares`; the loss terms of the stages are
+    means over the global batch (`global_mean`), so unequal shares weigh as in a single-worker run.
+    A split with fewer items than the batch trains on one batch of all of them per epoch. Errors name
+    `key` when a worker would get no image."""
+    world = world_size()
+    g = min(int(batch_size), int(n_items))
+    if g < world:
+        raise ValueError(f"{key} = {batch_size} is the global batch (images per step over all workers); with "
+                         f"{n_items} training images it gives {g} per step, fewer than the {world} training workers "
+                         f"(ray.num_workers): every worker needs at least one image per step")
+    return g, rank_shares(g, world)[rank()]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices that are the same for any number of workers.
+
+    Every epoch draws one permutation of range(n) from a generator seeded by (seed, epoch); step s uses
+    the global batch perm[s*G:(s+1)*G] (the incomplete last batch is dropped), and rank r gets its
+    consecutive share of it (`rank_shares`). So 1 worker and N workers see the same images at every
+    step, the same number of steps per epoch (n // G) and, with the same lr schedule, the same
+    optimisation; a resumed run (set_epoch) repeats the uninterrupted one. A DataLoader `batch_sampler`."""
+
+    def __init__(self, n: int, global_batch: int, seed: int = 0, shuffle: bool = True,
+                 rank_: int | None = None, world: int | None = None):
+        self.world = world_size() if world is None else int(world)
+        self.rank = rank() if rank_ is None else int(rank_)
+        if global_batch < self.world:
+            raise ValueError(f"global batch {global_batch} is smaller than the world size {self.world}")
+        self.n, self.global_batch, self.seed, self.shuffle, self.epoch = int(n), int(global_batch), int(seed), shuffle, 0
+        shares = rank_shares(self.global_batch, self.world)
+        self.per_rank = shares[self.rank]
+        self.offset = sum(shares[:self.rank])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        perm = self.order()
+        for s in range(len(self)):
+            batch = perm[s * self.global_batch:(s + 1) * self.global_batch]
+            yield batch[self.offset:self.offset + self.per_rank]
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """A loss term that is the mean over the GLOBAL batch once DDP has averaged the ranks' gradients:
+    `total` is this rank's sum (with gradient), `count` this rank's number of terms; returns
+    total * world / (sum of count over ranks), i.e. total / count without torch.distributed. Counts that
+    differ between ranks (pixels not ignored, pairs, anchors) thus weigh as in a single-worker run."""
+    c = torch.as_tensor(count, dtype=torch.float64, device=total.device).detach().reshape(())
+    if is_dist():
+        c = c.clone()
+        dist.all_reduce(c)
+        c = c / world_size()
+    return total / c.clamp_min(1e-12).to(total.dtype)
+
+
+def check_finite(loss: torch.Tensor, what: str, device: torch.device | None = None, hint: str = "") -> None:
+    """FloatingPointError naming `what` when the loss is not finite on this rank or (torch.distributed) on any
+    rank, so that every rank stops at the same step instead of one waiting for the others."""
+    bad = float(not bool(torch.isfinite(loss.detach()).all()))
+    if is_dist():
+        bad = all_reduce_mean(bad, device)
+    if bad > 0:
+        raise FloatingPointError(f"{what} is not finite ({float(loss.detach())} on rank {rank()})"
+                                 + (f"; {hint}" if hint else ""))
 
 
 def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
@@ -299,6 +388,7 @@ def multilabel_map(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torc
 
 
 __all__ = ["seed_everything", "rng_state", "set_rng_state", "torch_generator", "is_dist", "rank", "world_size",
-           "is_main", "barrier", "unwrap", "wrap_ddp", "make_sampler", "all_reduce_mean", "all_gather_cat",
+           "is_main", "barrier", "unwrap", "wrap_ddp", "make_sampler", "rank_shares", "split_batch", "GlobalBatchSampler",
+           "global_mean", "check_finite", "all_reduce_mean", "all_gather_cat",
            "save_checkpoint", "load_checkpoint", "save_torch", "load_torch", "Checkpointer", "FileCheckpointer",
            "as_checkpointer", "load_trained_weights", "poly_lr", "set_poly_lr", "progress", "multilabel_map"]

@@ -16,6 +16,13 @@ class BackboneConfig(StrictModel):
     output_stride: Literal[8, 16, 32] = Field(16, description="total stride of the feature map")
     pretrained: str | None = Field(None, description="local path of ImageNet weights (no download)")
     width: int = Field(32, ge=8, description="first-stage width of the 'small' backbone")
+    batchnorm: Literal["train", "frozen", "frozen_stats"] = Field("train", description=(
+        "BatchNorm in training: 'train' = batch statistics (synchronised over the workers when there are several); "
+        "'frozen' = running statistics and affine fixed (torchvision FrozenBatchNorm2d; PSA, DeepLab-v2); "
+        "'frozen_stats' = running statistics fixed, affine trained (IRN's FixedBatchNorm)"))
+    frozen_stages: int = Field(0, ge=0, le=4, description=(
+        "the stem and the first N of the 4 stages are not trained (parameters fixed, their BatchNorm frozen): "
+        "IRN's CAM net 2 (conv1 + layer1-2), IRN's AffinityNet 4 (the whole backbone), 0 = all trained"))
 
 
 class MemoryBankConfig(StrictModel):
@@ -46,13 +53,17 @@ class AggregationConfig(StrictModel):
 
 class CamTrainConfig(StrictModel):
     epochs: float = Field(5, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch: images per optimizer step over all workers "
+                                                  "(a multiple of the number of training workers)")
     crop_size: int = Field(512, ge=16)
     resize_long: tuple[int, int] = Field((320, 640), description="random long-side resize range")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, description="base lr (new layers get lr_mult_new x)")
     lr_mult_new: float = Field(10.0, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description=(
+        "SGD momentum. IRN's and PSA's PolyOptimizer pass weight_decay where torch's SGD takes momentum, so their "
+        "published runs used momentum = 1e-4 (IRN) / 5e-4 (PSA); configs/voc12.yaml sets IRN's effective value"))
     aux_weight: float = Field(0.4, ge=0, description=(
         "weight of the plain (coarse) CAM branch trained beside the aggregated branch (official code: 0.4); "
         "it gives the region masks and must be > 0 when aggregation is on; unused when aggregation is off"))

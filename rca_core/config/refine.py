@@ -28,13 +28,16 @@ class AffinityConfig(StrictModel):
                                                      "None = PSA's 64/128/256 capped at a quarter of each stage's width")
     backbone: BackboneConfig = BackboneConfig()
     epochs: float = Field(3, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="global batch: images per optimizer step over all workers "
+                                                 "(a multiple of the number of training workers)")
     crop_size: int = Field(512, ge=16)
     lr: float = Field(0.1, gt=0, description="base lr (backbone); new layers get lr_mult_new x")
     optimizer: Literal["auto", "sgd", "adamw"] = Field(
         "auto", description="auto: PSA's SGD (momentum 0.9) with pretrained backbone weights, AdamW from scratch")
     lr_mult_new: float | None = Field(None, gt=0, description="lr multiplier of the new layers; None: 10 (SGD), 1 (AdamW)")
     weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (IRN's/PSA's effective value: their weight decay, "
+                                                         "1e-4 / 5e-4, through a positional-argument slip)")
     scale_range: tuple[float, float] = Field((0.9, 1.1), description="random rescale of training images")
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
     max_seconds: float | None = Field(None, gt=0)

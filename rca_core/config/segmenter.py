@@ -29,11 +29,12 @@ class SegmenterConfig(StrictModel):
     aspp_rates: list[int] | None = Field(
         None, description="ASPP dilation rates; None = the arch default (v2: 6,12,18,24; v3: 12,24,36; small: 2,4,6)")
     pretrained: str | None = Field(None, description="local path of backbone weights (no download)")
-    freeze_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics and affine fixed "
-                                               "(DeepLab-v2 recipe with small batches and pretrained weights)")
+    freeze_bn: bool = Field(False, description="the backbone's BatchNorm statistics and affine fixed at their "
+                                               "(ImageNet) values: torchvision FrozenBatchNorm2d (DeepLab-v2 recipe)")
     labels: Literal["pseudo", "gt"] = Field("pseudo", description="train on pseudo-masks or ground truth")
     epochs: float = Field(20, gt=0)
-    batch_size: int = Field(10, ge=1, description="global batch (split over DDP ranks)")
+    batch_size: int = Field(10, ge=1, description="global batch: images per optimizer step over all workers "
+                                                   "(a multiple of the number of training workers)")
     crop_size: int = Field(321, ge=16)
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="random rescale range before the crop")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, paper) or adamw")

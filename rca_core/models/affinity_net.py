@@ -74,10 +74,11 @@ class AffinityNet(nn.Module):
         return self.affinities(self.features(x))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, new layers) for the 1x / lr_mult_new x learning rates."""
-        bb = list(self.backbone.parameters())
-        ids = {id(p) for p in bb}
-        return bb, [p for p in self.parameters() if id(p) not in ids]
+        """(trainable backbone parameters, new layers) for the 1x / lr_mult_new x learning rates; with
+        refine.affinity.backbone.frozen_stages 4 (IRN) the first list is empty."""
+        ids = {id(p) for p in self.backbone.parameters()}
+        bb = [p for p in self.backbone.parameters() if p.requires_grad]
+        return bb, [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
 
 
 def level_dims(cfg: AffinityConfig, stage_channels: list[int]) -> list[int]:
@@ -117,14 +118,17 @@ def pair_affinities(f: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Te
     return torch.stack(out, 1)
 
 
-def affinity_loss(aff: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PSA's balanced loss. aff (B, P, h, w) in (0, 1]; labels bool masks of the same shape."""
+def affinity_loss(aff: torch.Tensor, labels: dict[str, torch.Tensor], mean=None) -> dict[str, torch.Tensor]:
+    """PSA's balanced loss. aff (B, P, h, w) in (0, 1]; labels bool masks of the same shape.
+    `mean(total, count)` turns each term's sum over its pairs into a mean (default: over this batch;
+    the training stage passes train_utils.global_mean so that under DDP it is over the global batch)."""
     eps = 1e-5
     terms = {}
     for name, target in labels.items():
         m = target.float()
         nll = -torch.log(aff + eps) if name != "neg" else -torch.log(1.0 + eps - aff)
-        terms[name] = (nll * m).sum() / (m.sum() + eps)
+        total, count = (nll * m).sum(), m.sum()
+        terms[name] = total / (count + eps) if mean is None else mean(total, count)
     loss = terms["bg_pos"] / 4 + terms["fg_pos"] / 4 + terms["neg"] / 2
     return {"loss": loss, **terms}
 

@@ -13,6 +13,14 @@ The small backbone (NOTES.md): stem conv, one basic block per stage, widths w, 2
 Pretrained weights come only from a local file (`cfg.pretrained`); nothing is ever downloaded.
 A missing file, an unreadable file, or keys/shapes that do not fit raise `PretrainedWeightsError`
 naming the path. Without a path the weights are randomly initialised.
+
+Training recipe switches (applied after the weights are loaded, so ImageNet statistics are what is frozen):
+- `cfg.frozen_stages = N`: the stem and stages 1..N get `requires_grad = False` and their BatchNorm
+  layers become `FrozenBatchNorm2d`; no gradient reaches them (IRN's CAM net detaches after stage 2
+  and fixes conv1/bn1: N = 2; IRN's AffinityNet detaches every stage: N = 4).
+- `cfg.batchnorm`: 'frozen' (FrozenBatchNorm2d everywhere), 'frozen_stats' (IRN's FixedBatchNorm: running
+  statistics, trainable affine) or 'train' (rca_core.models.norm).
+`trainable_parameters(net)` lists what an optimiser should get.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import torch.nn as nn
 import torchvision
 
 from rca_core.config.cam import BackboneConfig
+from rca_core.models.norm import freeze_batchnorm
 
 
 class PretrainedWeightsError(ValueError):
@@ -48,6 +57,10 @@ class ResNetBackbone(nn.Module):
         self.stage_strides = [4, 8, s3, output_stride]
         self.out_channels = 2048
         self.output_stride = output_stride
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        """The modules of stages 1-4 (stage 1 includes the stem), for `frozen_stages`."""
+        return [[self.conv1, self.bn1, self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -113,6 +126,10 @@ class SmallBackbone(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stage_modules(self) -> list[list[nn.Module]]:
+        """The modules of stages 1-4 (stage 1 includes the stem), for `frozen_stages`."""
+        return [[self.stem, self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         f1 = self.layer1(x)
@@ -138,7 +155,35 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         raise ValueError(f"backbone.name: unknown backbone {cfg.name!r}")
     if cfg.pretrained:
         load_pretrained(net, cfg.pretrained)
+    apply_recipe(net, cfg.batchnorm, cfg.frozen_stages)
     return net
+
+
+def apply_recipe(net: nn.Module, batchnorm: str = "train", frozen_stages: int = 0) -> nn.Module:
+    """Freeze the stem + the first `frozen_stages` stages (no gradient, FrozenBatchNorm2d) and convert the
+    remaining BatchNorm layers by `batchnorm` ('train' / 'frozen' / 'frozen_stats'), in place."""
+    stages = net.stage_modules()
+    if not 0 <= frozen_stages <= len(stages):
+        raise ValueError(f"backbone.frozen_stages must be 0..{len(stages)}, got {frozen_stages}")
+    for mods in stages[:frozen_stages]:
+        for m in mods:
+            for p in m.parameters():
+                p.requires_grad_(False)
+    # a frozen stage is fixed entirely, its BatchNorm statistics included
+    for name in _stage_attr_names(net, stages[:frozen_stages]):
+        setattr(net, name, freeze_batchnorm(getattr(net, name), "frozen"))
+    freeze_batchnorm(net, batchnorm)
+    return net
+
+
+def _stage_attr_names(net: nn.Module, stages: list[list[nn.Module]]) -> list[str]:
+    ids = {id(m) for mods in stages for m in mods}
+    return [name for name, child in net.named_children() if id(child) in ids]
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters with requires_grad (frozen stages and frozen BatchNorm hold none)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _unwrap_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
@@ -196,5 +241,5 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["build_backbone", "load_pretrained", "PretrainedWeightsError", "ResNetBackbone", "SmallBackbone",
+__all__ = ["build_backbone", "apply_recipe", "trainable_parameters", "load_pretrained", "PretrainedWeightsError", "ResNetBackbone", "SmallBackbone",
            "count_parameters"]

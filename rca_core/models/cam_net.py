@@ -99,10 +99,11 @@ class CamNet(nn.Module):
 
     # ------------------------------------------------------------------ optimiser groups
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, new-layer parameters): new layers get lr x lr_mult_new."""
-        bb = list(self.backbone.parameters())
-        ids = {id(p) for p in bb}
-        return bb, [p for p in self.parameters() if id(p) not in ids]
+        """(trainable backbone parameters, new-layer parameters): new layers get lr x lr_mult_new.
+        Frozen stages / frozen BatchNorm (cam.backbone.frozen_stages, batchnorm) hold no trainable parameter."""
+        ids = {id(p) for p in self.backbone.parameters()}
+        bb = [p for p in self.backbone.parameters() if p.requires_grad]
+        return bb, [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
 
 
 def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.device | str = "cpu") -> CamNet:

@@ -17,6 +17,11 @@ the new layers `lr_mult_head` x the learning rate.
 
 `build_segmenter(cfg, num_classes)` picks one from a SegmenterConfig; `model_meta(...)` is the metadata
 stored with a checkpoint so that `build_from_meta(meta)` rebuilds the same network without the config.
+
+`freeze_bn` (segmenter.freeze_bn, stored in the metadata): every BatchNorm of the backbone becomes
+torchvision's FrozenBatchNorm2d after the ImageNet weights are loaded (statistics and affine fixed; the
+DeepLab-v2 recipe, whose Caffe original keeps BatchNorm at its ImageNet values). Head BatchNorm layers
+(v3's ASPP, the small model's) still train.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torchvision
 from rca_core.config.cam import BackboneConfig
 from rca_core.config.segmenter import SegmenterConfig
 from rca_core.models.backbones import build_backbone, load_pretrained
+from rca_core.models.norm import freeze_batchnorm
 
 # ImageNet normalisation (the torchvision convention), stored in every checkpoint's metadata.
 MEAN = (0.485, 0.456, 0.406)
@@ -72,9 +78,10 @@ class ASPPv2(nn.Module):
 
 class DeepLabV2(_Segmenter):
     def __init__(self, num_classes: int, depth: int = 101, rates: list[int] | None = None,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, freeze_bn: bool = False):
         super().__init__()
-        self.backbone = build_backbone(BackboneConfig(name=f"resnet{depth}", output_stride=8, pretrained=pretrained))
+        self.backbone = build_backbone(BackboneConfig(name=f"resnet{depth}", output_stride=8, pretrained=pretrained,
+                                                      batchnorm="frozen" if freeze_bn else "train"))
         self.aspp = ASPPv2(self.backbone.out_channels, num_classes, rates or DEFAULT_RATES["deeplabv2"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ class DeepLabV2(_Segmenter):
 # ----------------------------------------------------------------------------- DeepLab-v3 (torchvision)
 class DeepLabV3(_Segmenter):
     def __init__(self, num_classes: int, depth: int = 101, rates: list[int] | None = None,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, freeze_bn: bool = False):
         super().__init__()
         ctor = {50: torchvision.models.segmentation.deeplabv3_resnet50,
                 101: torchvision.models.segmentation.deeplabv3_resnet101}[depth]
@@ -93,6 +100,8 @@ class DeepLabV3(_Segmenter):
             net.classifier = torchvision.models.segmentation.deeplabv3.DeepLabHead(2048, num_classes, tuple(rates))
         if pretrained:
             load_pretrained(net.backbone, pretrained)  # strict; clear error naming the file
+        if freeze_bn:
+            freeze_batchnorm(net.backbone, "frozen")
         self.backbone = net.backbone      # IntermediateLayerGetter over the ResNet trunk
         self.classifier = net.classifier  # DeepLabHead: ASPP + 3x3 conv + 1x1 classifier
 
@@ -125,10 +134,11 @@ class ASPPLite(nn.Module):
 
 class SmallDeepLab(_Segmenter):
     def __init__(self, num_classes: int, width: int = 32, rates: list[int] | None = None,
-                 pretrained: str | None = None, channels: int = 64, low_channels: int = 16):
+                 pretrained: str | None = None, channels: int = 64, low_channels: int = 16, freeze_bn: bool = False):
         super().__init__()
         self.backbone = build_backbone(BackboneConfig(name="small", output_stride=8, width=width,
-                                                      pretrained=pretrained))
+                                                      pretrained=pretrained,
+                                                      batchnorm="frozen" if freeze_bn else "train"))
         self.aspp = ASPPLite(self.backbone.out_channels, channels, rates or DEFAULT_RATES["small"])
         self.low = _conv_bn_relu(self.backbone.stage_channels[1], low_channels, 1)
         self.fuse = _conv_bn_relu(channels + low_channels, channels, 3)
@@ -150,20 +160,21 @@ def model_meta(cfg: SegmenterConfig, num_classes: int, class_names: list[str] | 
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
     return {"arch": cfg.arch, "backbone": cfg.backbone, "width": int(cfg.width),
             "aspp_rates": list(cfg.aspp_rates) if cfg.aspp_rates else None, "num_classes": int(num_classes),
-            "class_names": names, "mean": list(MEAN), "std": list(STD)}
+            "class_names": names, "mean": list(MEAN), "std": list(STD), "freeze_bn": bool(cfg.freeze_bn)}
 
 
 def build_from_meta(meta: dict, pretrained: str | None = None) -> _Segmenter:
     arch, n, rates = meta["arch"], int(meta["num_classes"]), meta.get("aspp_rates")
+    fz = bool(meta.get("freeze_bn", False))  # checkpoints from before the switch: BatchNorm2d
     if arch == "small":
-        return SmallDeepLab(n, width=int(meta.get("width", 32)), rates=rates, pretrained=pretrained)
+        return SmallDeepLab(n, width=int(meta.get("width", 32)), rates=rates, pretrained=pretrained, freeze_bn=fz)
     depth = {"resnet50": 50, "resnet101": 101}.get(meta.get("backbone"))
     if depth is None:
         raise ValueError(f"segmenter arch {arch!r} needs backbone resnet50 or resnet101, got {meta.get('backbone')!r}")
     if arch == "deeplabv2":
-        return DeepLabV2(n, depth, rates, pretrained)
+        return DeepLabV2(n, depth, rates, pretrained, freeze_bn=fz)
     if arch == "deeplabv3":
-        return DeepLabV3(n, depth, rates, pretrained)
+        return DeepLabV3(n, depth, rates, pretrained, freeze_bn=fz)
     raise ValueError(f"unknown segmenter arch {arch!r} (deeplabv2, deeplabv3, small)")
 
 

@@ -8,6 +8,12 @@ from pretrained weights, AdamW (new layers 1x) from scratch (the demo's small ba
 lr 1e-3 left the affinities nearly unseparated - pos 0.45-0.58 vs neg 0.38 - after 3 epochs).
 Checkpoint every epoch to files/checkpoint.pt (atomic), resumed from there; final weights files/model.pt;
 per-epoch losses in the table "history".
+
+Workers: `refine.affinity.batch_size` is the global batch, split as evenly as possible over the ranks by
+train_utils.GlobalBatchSampler (same images per step, same steps and lr schedule for any worker count);
+each loss term is a mean over the global batch's pairs (train_utils.global_mean); trainable BatchNorm
+is synchronised (models.norm.sync_batchnorm). With IRN's frozen backbone (backbone.frozen_stages 4)
+only the affinity head trains.
 """
 from __future__ import annotations
 
@@ -24,10 +30,11 @@ from rca_core.affinity_labels import IGNORE, affinity_labels, downsample_labels
 from rca_core.config import RunConfig
 from rca_core.config.refine import AffinityConfig
 from rca_core.models.affinity_net import AffinityNet, affinity_loss, image_to_tensor
+from rca_core.models.norm import sync_batchnorm
 from rca_core.stages.context import StageContext
 
 STAGE = "affinity_train"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: batch_size is the global batch; backbone batchnorm / frozen_stages
 INPUTS = ("crf_labels",)
 
 
@@ -85,7 +92,7 @@ def build_optimizer(net: AffinityNet, cfg: AffinityConfig) -> torch.optim.Optimi
     groups = [{"params": backbone, "lr": cfg.lr}, {"params": new, "lr": cfg.lr * mult}]
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def train(cfg: RunConfig, ctx: StageContext) -> dict:
@@ -93,12 +100,12 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     device = ctx.device
     tu.seed_everything(cfg.seed)
     data = AffinityCrops(ctx.dataset, ctx.ids, ctx.inputs["crf_labels"], acfg, cfg.seed)
-    sampler = tu.make_sampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
-    batch = min(acfg.batch_size, max(1, len(data) // tu.world_size()))
-    net = AffinityNet(acfg).to(device)
+    global_batch, per_rank = tu.split_batch(acfg.batch_size, len(data), "refine.affinity.batch_size")
+    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed * 1000 + 1)
+    net = sync_batchnorm(AffinityNet(acfg), device).to(device)
     opt = build_optimizer(net, acfg)
     model = tu.wrap_ddp(net, device)
-    steps_per_epoch = max(1, len(data) // (batch * tu.world_size()))
+    steps_per_epoch = len(sampler)
     max_steps = max(1, int(round(acfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
@@ -113,20 +120,21 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
         if stopped_early or step >= max_steps:
             break
         data.epoch = epoch
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(data, batch_size=batch, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                            num_workers=acfg.num_workers, generator=tu.torch_generator(cfg.seed * 1000 + epoch))
+        sampler.set_epoch(epoch)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=acfg.num_workers)
         model.train()
         t0 = time.time()
         sums = {"loss": 0.0, "bg_pos": 0.0, "fg_pos": 0.0, "neg": 0.0}
-        n = 0
+        n, lr = 0, None
         for x, y in tu.progress(loader, desc=f"affinity_train epoch {epoch + 1}/{n_epochs}"):
             if step >= max_steps:
                 break
-            tu.set_poly_lr(opt, step, max_steps)
+            lr = tu.set_poly_lr(opt, step, max_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses = affinity_loss(model(x), affinity_labels(y, acfg.radius))
+            losses = affinity_loss(model(x), affinity_labels(y, acfg.radius), mean=tu.global_mean)
+            tu.check_finite(losses["loss"], f"affinity_train: loss at step {step} (epoch {epoch + 1})", device,
+                            "lower refine.affinity.lr; a frozen backbone needs weights whose BatchNorm statistics fit "
+                            "them (refine.affinity.backbone.pretrained)")
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -134,11 +142,13 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             n += 1
             for k in sums:
                 sums[k] += float(losses[k].detach())
-            if acfg.max_seconds and elapsed + time.time() - t0 > acfg.max_seconds:
-                stopped_early = True
-                break
+            if acfg.max_seconds:  # every rank stops at the same step (DDP)
+                over = float(elapsed + time.time() - t0 > acfg.max_seconds)
+                if tu.all_reduce_mean(over, device) > 0:
+                    stopped_early = True
+                    break
         elapsed += time.time() - t0
-        history.append({"epoch": epoch + 1, "steps": n, **{k: tu.all_reduce_mean(v / max(n, 1), device)
+        history.append({"epoch": epoch + 1, "steps": n, "global_step": step, "lr": lr, **{k: tu.all_reduce_mean(v / max(n, 1), device)
                                                            for k, v in sums.items()}})
         tu.save_checkpoint(ckpt, net, opt, epoch + 1, step,
                            extra={"history": history, "seconds": elapsed, "stopped_early": stopped_early})
@@ -149,6 +159,9 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             ctx.out.write_table("history", history)  # per-epoch losses (the run report plots "loss")
     tu.barrier()
     return {"steps": step, "max_steps": max_steps, "epochs": len(history), "train_seconds": elapsed,
+            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "per_rank_batch": per_rank,
+            "world_size": tu.world_size(),
+            "trainable_parameters": sum(p.numel() for g in opt.param_groups for p in g["params"]),
             "resumed_from_epoch": state["epoch"] if state else None,
             "stopped_early": stopped_early, "history": history,
             "final_loss": history[-1]["loss"] if history else None}

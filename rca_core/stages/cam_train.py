@@ -9,8 +9,16 @@ memory at the start of every `refresh_every_epochs`-th epoch (from epoch 1 on: e
 
 Determinism: the model is initialised from cfg.seed; each epoch's image order and every image's
 augmentation are drawn from generators seeded by (seed, epoch, index), so a run resumed from its
-epoch checkpoint repeats exactly what the uninterrupted run does. The checkpoint (every epoch,
-atomic) holds the model (incl. memory queues and prototypes), optimizer, epoch, step, RNG states,
+epoch checkpoint repeats exactly what the uninterrupted run does.
+
+Workers: `cam.train.batch_size` is the global batch. With N workers (torch.distributed) each rank takes
+its share (batch_size / N, as even as possible) of the same global batch (train_utils.GlobalBatchSampler),
+so the steps per epoch, the poly lr schedule and the images of every step do not depend on N;
+trainable BatchNorm layers are synchronised over the ranks (rca_core.models.norm.sync_batchnorm) and
+every loss term is a mean over the global batch (train_utils.global_mean: images, contrast anchors),
+so DDP's gradient average is the single-worker gradient.
+
+The checkpoint (every epoch, atomic) holds the model (incl. memory queues and prototypes), optimizer, epoch, step, RNG states,
 the per-epoch history and the elapsed time. Outputs: files/model.pt (state dict), table `history`
 (one row per epoch: losses, classification mAP on the training batches, memory fill, seconds).
 """
@@ -30,10 +38,11 @@ from rca_core import train_utils as tu
 from rca_core.cam_ops import normalize_image, tags_to_indices
 from rca_core.losses.contrast import semantic_contrast_loss
 from rca_core.models.cam_net import CamNet
+from rca_core.models.norm import sync_batchnorm
 from rca_core.models.projection import region_embeddings, region_masks
 
 STAGE = "cam_train"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: batch_size is the global batch; batchnorm / frozen_stages
 INPUTS: tuple[str, ...] = ()
 log = logging.getLogger("rca.cam_train")
 
@@ -83,29 +92,11 @@ class CamTrainSet(Dataset):
         return torch.from_numpy(out), torch.from_numpy(self.target(image_id))
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation per epoch from a generator seeded by (seed, epoch): resume-exact shuffling."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 def build_optimizer(model: CamNet, tc) -> torch.optim.Optimizer:
     bb, new = model.parameter_groups()
     groups = [{"params": bb, "lr": tc.lr}, {"params": new, "lr": tc.lr * tc.lr_mult_new}]
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
@@ -123,7 +114,7 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     tc, cam_cfg = cfg.cam.train, cfg.cam
     device = ctx.device
     tu.seed_everything(cfg.seed)
-    model = CamNet(cam_cfg, cfg.data.num_classes).to(device)
+    model = sync_batchnorm(CamNet(cam_cfg, cfg.data.num_classes), device).to(device)
     opt = build_optimizer(model, tc)
     ckpt = ctx.checkpointer()
     state = tu.load_checkpoint(ckpt, model, opt, map_location=device)
@@ -138,10 +129,9 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     data = CamTrainSet(ctx.dataset, ctx.ids, cfg.data.num_classes, tc.crop_size, tc.resize_long, cfg.seed)
     if len(data) == 0:
         raise ValueError(f"cam_train: split {ctx.extra.get('split', '?')} has no images")
-    sampler = tu.make_sampler(data, shuffle=True, seed=cfg.seed, drop_last=True) or EpochSampler(len(data), cfg.seed)
-    bs = min(tc.batch_size, len(data))
-    loader = DataLoader(data, batch_size=bs, sampler=sampler, num_workers=tc.num_workers, drop_last=True,
-                        persistent_workers=False)
+    global_batch, per_rank = tu.split_batch(tc.batch_size, len(data), "cam.train.batch_size")
+    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=tc.num_workers, persistent_workers=False)
     steps_per_epoch = len(loader)
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -168,10 +158,12 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = tu.set_poly_lr(opt, step, total_steps)
             out = ddp(x, with_embeddings=model.use_memory)
-            loss_cls = F.multilabel_soft_margin_loss(out["logits"], y)
+            n_img = x.shape[0]  # this rank's share of the global batch: means are over the global batch
+            loss_cls = tu.global_mean(F.multilabel_soft_margin_loss(out["logits"], y, reduction="sum"), n_img)
             loss = loss_cls
             if model.use_aggregation:
-                loss_plain = F.multilabel_soft_margin_loss(out["logits_plain"], y)
+                loss_plain = tu.global_mean(F.multilabel_soft_margin_loss(out["logits_plain"], y, reduction="sum"),
+                                            n_img)
                 loss = loss + tc.aux_weight * loss_plain
                 sums["loss_plain"] += float(loss_plain.detach())
             if model.use_memory:
@@ -181,9 +173,15 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
                     mem_e, mem_c = model.memory.entries()
                     loss_sc = semantic_contrast_loss(emb, index[:, 1], mem_e, mem_c, cam_cfg.contrast.temperature,
                                                      mixup_alpha=8.0 if cam_cfg.contrast.mixup else None)
+                    if tu.is_dist() and not cam_cfg.contrast.mixup:  # mean over the global batch's anchors
+                        n_anchor = torch.isin(index[:, 1], mem_c).sum()
+                        loss_sc = tu.global_mean(loss_sc * n_anchor, n_anchor)
                     loss = loss + cam_cfg.contrast.weight * loss_sc
                     sums["loss_sc"] += float(loss_sc.detach())
                     n_sc += 1
+            tu.check_finite(loss, f"cam_train: loss at step {step} (epoch {epoch + 1})", device,
+                            "lower cam.train.lr; with cam.backbone.batchnorm frozen/frozen_stats the backbone needs "
+                            "weights whose BatchNorm statistics fit them (cam.backbone.pretrained)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -198,9 +196,11 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
             targets.append(y.cpu())
             step += 1
             n_steps += 1
-            if tc.max_seconds and elapsed0 + time.time() - t_start > tc.max_seconds:
-                stopped_by_time = True
-                break
+            if tc.max_seconds:  # every rank stops at the same step (DDP)
+                over = float(elapsed0 + time.time() - t_start > tc.max_seconds)
+                if tu.all_reduce_mean(over, device) > 0:
+                    stopped_by_time = True
+                    break
         row = {"epoch": epoch + 1, "steps": n_steps, "global_step": step, "lr": lr if n_steps else None,
                "loss": sums["loss"] / max(1, n_steps), "loss_cls": sums["loss_cls"] / max(1, n_steps),
                "loss_plain": sums["loss_plain"] / max(1, n_steps) if model.use_aggregation else None,
@@ -234,7 +234,10 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     last = history[-1] if history else {}
     return {"finished": True, "epochs_done": len(history), "steps": step, "total_steps": total_steps,
             "resumed_from_epoch": state["epoch"] if state else None,
-            "steps_per_epoch": steps_per_epoch, "stopped_by_time": bool(stopped_by_time or extra.get("stopped_by_time")),
+            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "per_rank_batch": per_rank,
+            "world_size": tu.world_size(), "trainable_parameters": sum(p.numel() for g in opt.param_groups
+                                                                      for p in g["params"]),
+            "stopped_by_time": bool(stopped_by_time or extra.get("stopped_by_time")),
             "train_seconds": elapsed, "final_loss": last.get("loss"), "final_map": last.get("map"),
             "rca": {"memory": model.use_memory, "contrast": model.use_contrast, "aggregation": model.use_aggregation},
             "history": history}

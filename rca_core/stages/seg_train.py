@@ -11,8 +11,11 @@ Optimiser: SGD (momentum 0.9) or AdamW; the head gets `lr_mult_head` x lr; poly 
 (power `poly_power`) over `epochs` x steps-per-epoch steps (`epochs` may be fractional).
 Checkpoint every epoch to `checkpoint.pt` (atomic, with optimiser and RNG state; resumed from
 automatically); at the end `segmenter.pt` holds the weights + metadata that `rca_core.predict` needs.
-`max_seconds` stops training early (the summary says so). Under torch.distributed: DDP, a
-DistributedSampler, the global batch split over the ranks, and only rank 0 writes.
+`max_seconds` stops training early (the summary says so). Under torch.distributed: DDP, the global
+batch `segmenter.batch_size` split over the ranks as evenly as possible by train_utils.GlobalBatchSampler
+(same images per step, same steps and lr schedule for any worker count), the loss a mean over the global batch's labelled pixels
+(train_utils.global_mean), trainable BatchNorm synchronised (models.norm.sync_batchnorm; with
+`freeze_bn` the backbone's BatchNorm is torchvision's FrozenBatchNorm2d), and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ import torch.nn.functional as F
 from rca_core import train_utils as tu
 from rca_core.config import RunConfig
 from rca_core.models.deeplab import build_segmenter, model_meta
+from rca_core.models.norm import sync_batchnorm
 
 from .context import StageContext
 
 STAGE = "seg_train"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: batch_size is the global batch; freeze_bn = FrozenBatchNorm2d
 INPUTS = ["random_walk"]
 IGNORE = 255
 CHECKPOINT = "checkpoint.pt"
@@ -109,14 +113,6 @@ class PseudoMasks:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _freeze_backbone_bn(model: nn.Module) -> None:
-    for m in model.backbone.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-
 def make_optimizer(model: nn.Module, seg) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in model.backbone_parameters() if p.requires_grad], "lr": seg.lr},
               {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": seg.lr * seg.lr_mult_head}]
@@ -147,11 +143,7 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     num_classes = cfg.data.num_classes
     names = list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or [])
     meta = model_meta(seg, num_classes, names or None)
-    model = build_segmenter(seg, num_classes).to(device)
-    if seg.freeze_bn:
-        _freeze_backbone_bn(model)
-    if tu.is_dist() and device.type == "cuda" and not seg.freeze_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(build_segmenter(seg, num_classes), device).to(device)  # freeze_bn: in the builder
     optimizer = make_optimizer(model, seg)
     mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
@@ -161,11 +153,9 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     data = SegTrainSet(ctx.ids, ctx.dataset.image, mask_reader(cfg, ctx), seg.crop_size, seg.scale_range,
                        seed=cfg.seed, mean=tuple(meta["mean"]))
     world = tu.world_size()
-    per_rank = max(1, seg.batch_size // world)
-    drop_last = len(data) >= per_rank * world
-    sampler = tu.make_sampler(data, shuffle=True, seed=cfg.seed, drop_last=drop_last)
-    n_local = len(sampler) if sampler is not None else len(data)
-    steps_per_epoch = max(1, n_local // per_rank if drop_last else math.ceil(n_local / per_rank))
+    global_batch, per_rank = tu.split_batch(seg.batch_size, len(data), "segmenter.batch_size")
+    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed)
+    steps_per_epoch = len(sampler)
     max_steps = max(1, round(seg.epochs * steps_per_epoch))
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
@@ -187,15 +177,10 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             break
         t_epoch = time.time()
         data.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
-            generator=tu.torch_generator(cfg.seed + epoch) if sampler is None else None,
-            num_workers=seg.num_workers, pin_memory=device.type == "cuda")
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=seg.num_workers,
+                                             pin_memory=device.type == "cuda")
         ddp.train()
-        if seg.freeze_bn:
-            _freeze_backbone_bn(tu.unwrap(ddp))
         loss_sum, loss_n, steps_here = 0.0, 0, 0
         bar = tu.progress(loader, desc=f"seg_train {epoch + 1}/{n_epochs}", total=min(len(loader), max_steps - step))
         for img, mask in bar:
@@ -205,13 +190,11 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             x = (img.to(device, non_blocking=True).float().div_(255.0) - mean) / std
             y = mask.to(device, non_blocking=True).long()
             logits = ddp(x)
-            if bool((y != IGNORE).any()):
-                loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
-            else:  # every pixel ignored: a zero loss that still touches every parameter (DDP stays in sync)
-                loss = logits.sum() * 0.0
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"seg_train: loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                         f"lower segmenter.lr (now {seg.lr})")
+            # mean over the labelled pixels of the global batch (all ignored: a zero loss with a graph)
+            loss = tu.global_mean(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum"),
+                                  (y != IGNORE).sum())
+            tu.check_finite(loss, f"seg_train: loss at step {step} (epoch {epoch + 1})", device,
+                            f"lower segmenter.lr (now {seg.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -250,10 +233,13 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     tu.barrier()
     full = [h for h in history if h["steps"] == steps_per_epoch]
     return {"labels": seg.labels, "arch": seg.arch, "epochs_done": len(history), "steps": step,
-            "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": resumed_from,
+            "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
+            "per_rank_batch": per_rank, "freeze_bn": seg.freeze_bn,
+            "trainable_parameters": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+            "resumed_from_epoch": resumed_from,
             "stopped_early": stopped_early, "train_seconds": sum(h["seconds"] for h in history),
             "this_run_seconds": train_seconds,
             "seconds_per_epoch": (sum(h["seconds"] for h in full) / len(full)) if full else None,
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,
-            "epoch_losses": [h["loss"] for h in history], "model": model_path.uri, "world_size": world}
+            "epoch_losses": [h["loss"] for h in history], "epoch_lrs": [h["lr"] for h in history], "model": model_path.uri, "world_size": world}
