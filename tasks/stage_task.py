@@ -36,14 +36,23 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
 
 def result_storage_for(cfg: RunConfig):
     """Where Prefect keeps this run's task results and cache records: inside the artifact store.
-    A local store: a folder; a bucket: a RemoteFileSystem block over the same fsspec URL (not saved to
-    the server; its settings hold the endpoint / region only, never credentials)."""
+    A local store: a folder; a bucket: a RemoteFileSystem block over the same fsspec URL, saved on the
+    Prefect server under a name derived from the URL (Prefect requires that); its settings hold the
+    endpoint / region only, never credentials (those stay in the environment)."""
     if not storage.is_url(cfg.store):
         return Path(storage.absolute(cfg.store)) / "_prefect_results"
     from prefect.filesystems import RemoteFileSystem
 
-    return RemoteFileSystem(basepath=storage.join(cfg.store, "_prefect_results"),
-                            settings=storage.options_for(cfg.store, cfg.storage))
+    basepath = storage.join(cfg.store, "_prefect_results")
+    settings = storage.options_for(cfg.store, cfg.storage)
+    name = "rca-results-" + hashlib.sha256(f"{basepath} {sorted(settings.items())}".encode()).hexdigest()[:12]
+    if name not in _SAVED_BLOCKS:  # Prefect wants result storage saved server-side: once per process
+        RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)
+        _SAVED_BLOCKS.add(name)
+    return f"remote-file-system/{name}"
+
+
+_SAVED_BLOCKS: set[str] = set()
 
 
 def scalars(summary: dict) -> dict:
