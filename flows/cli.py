@@ -1,11 +1,13 @@
 """The `rca` command line. Imports are lazy so that `rca --help` and data commands stay quick."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -17,6 +19,9 @@ app.add_typer(config_app, name="config")
 
 ConfigOpt = typer.Option("configs/demo.yaml", "--config", "-c", help="YAML run config")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --set cam.train.epochs=2 (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", envvar="RCA_VERBOSE",
+                          help="also show Ray worker output, Ray and Prefect logs and every warning live "
+                               "(always in the run log, whose path is printed)")
 
 
 def _load(config: str, overrides: Optional[List[str]]):
@@ -101,42 +106,119 @@ def config_show(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt):
 def stage(name: str = typer.Argument(..., help="stage name (see `rca config show`)"),
           config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
           local: bool = typer.Option(False, help="plain local loop, no Prefect/Ray"),
-          with_upstream: bool = typer.Option(True, help="also run unfinished upstream stages")):
+          with_upstream: bool = typer.Option(True, help="also run unfinished upstream stages"),
+          verbose: bool = VerboseOpt):
     """Run one stage (as its Prefect flow over Ray, or --local)."""
+    import os
+    import time
+
     cfg = _load(config, set_)
-    if local:
-        from rca_core.stages import run_stage
+    with _console(cfg, verbose, f"stage {name}", quiet_bars=not local):
+        if local:
+            from rca_core.stages import run_stage
 
-        summary = run_stage(name, cfg, with_upstream=with_upstream)
-    else:
-        from flows.stage_flows import run_stage_flow
+            summary = run_stage(name, cfg, with_upstream=with_upstream)
+        else:
+            from flows.stage_flows import run_stage_flow
 
-        summary = run_stage_flow(name, cfg, with_upstream=with_upstream)
-    typer.echo(json.dumps(_short(summary), indent=1, default=str))
+            with _prefect(None, need_server=bool(os.environ.get("PREFECT_API_URL"))):
+                t0 = time.time()
+                from tasks import progress
+
+                progress.forget(name)
+                res = run_stage_flow(name, cfg, with_upstream=with_upstream)
+                if not with_upstream:  # the pipeline prints the summary lines when it runs the stages
+                    row = res.get("summary") or {}
+                    _say(progress.summary_line(name, "cached" if res.get("cached") else "ran", time.time() - t0,
+                                               row, progress.finished(name)))
+                summary = res
+        typer.echo(json.dumps(_short(summary), indent=1, default=str))
 
 
 @app.command("run")
 def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         stages: Optional[List[str]] = typer.Option(None, "--stage", help="only these stages (+ upstream)"),
-        prefect_home: Path = typer.Option(Path("runs/prefect"), help="PREFECT_HOME of the local server")):
+        prefect_home: Path = typer.Option(Path("runs/prefect"), help="PREFECT_HOME of the local server"),
+        verbose: bool = VerboseOpt):
     """Run the whole pipeline as a Prefect flow over Ray. Without PREFECT_API_URL a local Prefect
     server (SQLite, 127.0.0.1) is started for the run and stopped afterwards."""
     import os
 
     cfg = _load(config, set_)
-    if os.environ.get("PREFECT_API_URL"):
-        _require_prefect(os.environ["PREFECT_API_URL"])
-        res = _run_pipeline(cfg, stages)
-    else:
-        from flows.prefect_server import local_prefect_server
-
-        typer.echo(f"[rca] starting a local Prefect server (PREFECT_HOME={prefect_home}) ...")
-        with local_prefect_server(prefect_home) as api:
-            typer.echo(f"[rca] Prefect API {api} (UI at {api[:-4]})")
+    with _console(cfg, verbose, f"run {cfg.name}"):
+        with _prefect(prefect_home, need_server=bool(os.environ.get("PREFECT_API_URL"))):
             res = _run_pipeline(cfg, stages)
-    _print_table(res, cfg)
-    if res.get("report"):
-        typer.echo(f"[rca] report: {res['report']}")
+        _print_table(res, cfg)
+        if res.get("report"):
+            _say(f"report: {res['report']}")
+
+
+def _say(msg: str) -> None:
+    from tasks import console
+
+    console.say(msg)
+
+
+@contextlib.contextmanager
+def _console(cfg, verbose: bool, what: str, quiet_bars: bool = True, log: Optional[Path] = None):
+    """The run log and the console for one command: prints the log's path first and last; a failure is
+    one line on stderr (its traceback in the log), exit code 1."""
+    import os
+
+    from tasks import console
+
+    path = console.setup(log if log is not None else console.run_log_location(cfg.store, cfg.name), verbose=verbose)
+    if quiet_bars:  # progress bars of library code in this process: the live lines replace them
+        os.environ["TQDM_DISABLE"] = os.environ["RCA_NO_PROGRESS"] = "1"
+    console.say(f"{what}: log {path}" + (" (shown live: --verbose)" if verbose else
+                                        " (Ray workers, Prefect, warnings; --verbose shows them here)"))
+    try:
+        yield path
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as e:  # noqa: BLE001
+        console.say(console.failure(e), err=True, log=False)
+        console.say(f"traceback and worker output: {path}", err=True)
+        raise typer.Exit(1)
+    finally:
+        console.say(f"log: {path}")
+        console.teardown()
+
+
+@contextlib.contextmanager
+def _prefect(prefect_home: Optional[Path], need_server: bool):
+    """The Prefect API for a command: PREFECT_API_URL if set (checked), else a local server for the
+    duration of the block (its own log in PREFECT_HOME/server.log), or with no PREFECT_HOME Prefect's
+    temporary in-process server."""
+    import os
+    import time
+
+    from tasks import console
+
+    if need_server or prefect_home is None:
+        api = os.environ.get("PREFECT_API_URL")
+        if api:
+            _require_prefect(api)
+            console.say(f"Prefect: API {api}" + (f" (UI {api[:-4]})" if api.endswith("/api") else ""))
+        else:
+            console.say("Prefect: temporary in-process server (set PREFECT_API_URL to see this run in a UI)")
+        try:
+            yield api
+        finally:
+            console.drain_prefect()
+        return
+    from flows.prefect_server import local_prefect_server
+
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        with console.Phase(f"Prefect: starting a local server (PREFECT_HOME={prefect_home})"):
+            api = stack.enter_context(local_prefect_server(prefect_home))
+        console.say(f"Prefect: local server up in {time.time() - t0:.0f} s, UI {api[:-4]} "
+                    f"(server log {Path(prefect_home) / 'server.log'})")
+        try:
+            yield api
+        finally:
+            console.drain_prefect()
 
 
 @app.command("serve")
@@ -190,10 +272,10 @@ def _print_table(res: dict, cfg) -> None:
     for r in rows:
         t.add_row(*[("" if r.get(c) is None else str(r.get(c))) for c in cols])
     Console(width=max(140, Console().width)).print(t)
-    typer.echo(f"[rca] wall time per stage above; total {res['seconds']:.0f} s")
-    typer.echo(f"[rca] outputs: artifact store {cfg.store}")
+    _say(f"wall time per stage above; total {res['seconds']:.0f} s")
+    _say(f"outputs: artifact store {cfg.store}")
     for name, key in res["keys"].items():
-        typer.echo(f"[rca]   {name:15s} {cfg.store}/{key}")
+        _say(f"  {name:15s} {cfg.store}/{key}")
 
 
 @app.command("predict")
@@ -202,20 +284,32 @@ def predict(checkpoint: Path = typer.Argument(..., help="segmenter.pt in the seg
             out: Path = typer.Option(..., "--out", "-o", help="output folder (masks/ and overlays/)"),
             batch_size: int = typer.Option(8, help="images per forward pass"),
             device: str = typer.Option("auto", help="auto, cpu or cuda"),
-            overlays: bool = typer.Option(True, help="also write colour overlays")):
+            overlays: bool = typer.Option(True, help="also write colour overlays"),
+            verbose: bool = VerboseOpt):
     """Segment new images: VOC palette PNG masks (+ overlays). Unreadable files are named; the rest still run."""
-    from rca_core.predict import predict_folder
+    import time
 
     if not checkpoint.is_file():
         typer.secho(f"checkpoint not found: {checkpoint}", fg="red", err=True)
         raise typer.Exit(2)
+    from tasks import console
+
     files = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else list(inputs)
-    errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
-                            device=None if device == "auto" else device, overlays=overlays)
-    typer.echo(f"[rca] masks written to {out / 'masks'}")
-    if errors:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with _console(None, verbose, "predict", log=out / "logs" / f"predict-{stamp}.log"):
+        from rca_core.predict import predict_folder
+
+        t0 = time.time()
+        with console.Phase(f"predict: {checkpoint.name} on {len(files) if isinstance(files, list) else files}"):
+            errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
+                                    device=None if device == "auto" else device, overlays=overlays,
+                                    show_progress=console.CONSOLE.is_tty())
+        n = len(list((out / "masks").glob("*.png")))
+        _say(f"predict: {n} masks in {out / 'masks'}" + (f", overlays in {out / 'overlays'}" if overlays else "")
+             + f" ({time.time() - t0:.1f} s)" + (f"; {len(errors)} input(s) failed:" if errors else ""))
         for e in errors:
             typer.secho(f"error: {e}", fg="red", err=True)
+    if errors:
         raise typer.Exit(1)
 
 

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from rca_core.config import RunConfig
 from rca_core.stages import STAGES, plan, record_run, upstream_closure
 from rca_core.store import ArtifactStore
+from tasks import console, progress
 from tasks.ray_runtime import ray_session
 
 from .stage_flows import STAGE_FLOWS, prepare_config
@@ -55,17 +56,21 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
     wanted = stages or STAGES
     order = [s for s in STAGES if any(s in upstream_closure(w, cfg) for w in wanted)]
     t_all = time.time()
-    counts = prepare_data(cfg)
+    with console.Phase("data: checking the data set (generating the demo set if needed)"):
+        counts = prepare_data(cfg)
     record_run(cfg, ArtifactStore.for_config(cfg))
-    print(f"data: {counts}; store: {cfg.store}; stages: {', '.join(order)}")
+    _tell(f"data: {', '.join(f'{s} {n}' for s, n in counts.items())} images ({cfg.data.root}, "
+          f"{time.time() - t_all:.0f} s); stages: {', '.join(order)}")
     results, rows = {}, []
     with ray_session(cfg.ray):
         for name in order:
             t = time.time()
+            progress.forget(name)
             res = STAGE_FLOWS[name](config=cfg)
             results[name] = res
             rows.append(stage_row(name, res, time.time() - t))
-            print(f"{name}: {rows[-1]['status']} in {rows[-1]['seconds']} s")
+            _tell(progress.summary_line(name, rows[-1]["status"], rows[-1]["seconds"], rows[-1],
+                                        progress.finished(name)))
     report = write_run_report(cfg) if "seg_eval" in order or "random_walk" in order else ""
     total = time.time() - t_all
     create_table_artifact(key="rca-metrics", table=rows,
@@ -74,6 +79,17 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
     create_markdown_artifact(key="rca-outputs", markdown=_outputs_md(cfg, keys, total, report),
                              description="Where this run's outputs are")
     return {"stages": results, "table": rows, "seconds": total, "store": cfg.store, "keys": keys, "report": report}
+
+
+def _tell(msg: str) -> None:
+    """A line on the console (and the run log) that also goes to the flow run's log in the UI."""
+    console.say(msg, log=False)
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(msg)
+    except Exception:  # noqa: BLE001 - outside a flow run: console only
+        console.log_line("console", msg)
 
 
 def _outputs_md(cfg: RunConfig, keys: dict, total: float, report: str) -> str:
