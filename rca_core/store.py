@@ -151,6 +151,14 @@ class StageOutput:
     def __init__(self, store: ArtifactStore, key: str):
         self.store, self.key = store, key
         self._group = None
+        self._writer = None         # write-behind: one background thread, writes in order (see write_behind)
+        self._pending: list = []
+        self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
+
+    def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
+        d = dict(self.__dict__)
+        d.update(_writer=None, _pending=[], _prefetched={})
+        return d
 
     # ---------------------------------------------------------------- driver side
     def prepare(self, fields: Iterable[str] = ()) -> "StageOutput":
@@ -201,8 +209,70 @@ class StageOutput:
 
     # ---------------------------------------------------------------- worker side
     def write(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
-        """Write all fields of one image; the image counts as done only after the last marker."""
+        """Write all fields of one image; the image counts as done only after the last marker.
+        Inside `write_behind()` the write happens on a background thread (in order); errors surface at
+        the next write or at flush()."""
         check_image_id(image_id)
+        if self._writer is not None:
+            self._raise_failed()
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+            self._pending.append(self._writer.submit(self._write_now, image_id, arrays, attrs))
+            return
+        self._write_now(image_id, arrays, attrs)
+
+    def write_behind(self):
+        """Context: per-image writes go to one background thread, so that the next image is computed while
+        this one is written (object storage: tens of ms per request). Leaving it waits for every write."""
+        import contextlib
+        from concurrent.futures import ThreadPoolExecutor
+
+        @contextlib.contextmanager
+        def ctx():
+            if self._writer is not None:  # nested: the outer one flushes
+                yield self
+                return
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rca-write")
+            try:
+                yield self
+                self.flush()
+            finally:
+                ex, self._writer = self._writer, None
+                ex.shutdown(wait=True)
+                self._pending = []
+
+        return ctx()
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first failure."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        errors = [e for e in errors if e is not None]
+        if errors:
+            raise errors[0]
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        for f in done:
+            if f.exception() is not None:
+                self.flush()
+        self._pending = [f for f in self._pending if not f.done()]
+
+    def prefetch(self, image_id: str, field: str, executor) -> None:
+        """Start reading (image_id, field) on `executor`; the next read() of it returns that result."""
+        key = (image_id, field)
+        if key not in self._prefetched:
+            self._prefetched[key] = executor.submit(self._read_unchecked_id, image_id, field)
+
+    def drop_prefetched(self) -> None:
+        for f in self._prefetched.values():
+            f.cancel()
+        self._prefetched = {}
+
+    def _read_unchecked_id(self, image_id: str, field: str):
+        check_image_id(image_id)
+        return self._read_checked(f"{field}/{image_id}", field, image_id)
+
+    def _write_now(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None) -> None:
         for field, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
             path = f"{self.key}/{field}/{image_id}"
@@ -218,6 +288,9 @@ class StageOutput:
 
     # ---------------------------------------------------------------- readers
     def read(self, image_id: str, field: str) -> tuple[np.ndarray, dict]:
+        fut = self._prefetched.pop((image_id, field), None)
+        if fut is not None:
+            return fut.result()
         check_image_id(image_id)
         return self._read_checked(f"{field}/{image_id}", field, image_id)
 

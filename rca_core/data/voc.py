@@ -202,6 +202,7 @@ class VOCDataset:
             ids = ids[:max_images]
         self.ids: list[str] = ids
         self._listings: dict[str, dict[str, str]] = {}
+        self._prefetched: dict = {}
         if check_files:
             for i in ids:
                 self.image_path(i)
@@ -221,6 +222,7 @@ class VOCDataset:
     def __getstate__(self):  # picklable for DataLoader workers: the file system is rebuilt from the URL
         d = dict(self.__dict__)
         d.pop("fs", None)
+        d["_prefetched"] = {}
         return d
 
     def __setstate__(self, d):
@@ -286,8 +288,27 @@ class VOCDataset:
         return self.fs.open(str(path).split("://", 1)[1], "rb")
 
     # ---------------------------------------------------------------------------------- data
+    def prefetch(self, kind: str, image_id: str, executor) -> None:
+        """Start decoding an image ('image') or reading its mask ('mask') on `executor`; the next call of
+        image()/mask() for that id returns the result (I/O and decoding overlap with compute)."""
+        key = (kind, image_id)
+        if key not in self._prefetched:
+            fn = self._read_image if kind == "image" else self._read_mask
+            self._prefetched[key] = executor.submit(fn, image_id)
+
+    def drop_prefetched(self) -> None:
+        for f in self._prefetched.values():
+            f.cancel()
+        self._prefetched = {}
+
     def image(self, i) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
+        fut = self._prefetched.pop(("image", self._id(i)), None) if self._prefetched else None
+        if fut is not None:
+            return fut.result()
+        return self._read_image(i)
+
+    def _read_image(self, i) -> np.ndarray:
         path = self.image_path(i)
         try:
             with self._open(path) as f, Image.open(f) as im:
@@ -308,6 +329,12 @@ class VOCDataset:
 
     def mask(self, i) -> np.ndarray:
         """(H, W) uint8 class ids, 255 = ignore. Checked against the image size and the class list."""
+        fut = self._prefetched.pop(("mask", self._id(i)), None) if self._prefetched else None
+        if fut is not None:
+            return fut.result()
+        return self._read_mask(i)
+
+    def _read_mask(self, i) -> np.ndarray:
         iid = self._id(i)
         path = self.mask_path(iid)
         try:

@@ -8,6 +8,7 @@ config changes its key and the keys of every stage after it, and nothing before 
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -259,25 +260,64 @@ def new_manifest_rows(out: StageOutput, rows: list[dict]) -> list[dict]:
 
 def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
                    on_done: Callable[[int, int], None] | None = None, out: StageOutput | None = None,
-                   maybe_done: set[str] | None = None) -> list[dict]:
+                   maybe_done: set[str] | None = None, prefetch: tuple[str, ...] | None = None,
+                   lookahead: int = 2, io_threads: int = 4) -> list[dict]:
     """Run worker.process over ids; returns manifest rows (image_id, status, seconds, written_at + stage stats).
 
-    Resume: an id in `maybe_done` (it has arrays in `out`) is verified first (every field read back, checksum
-    checked); a finished one is kept (status "kept", not recomputed), a damaged one is computed again."""
+    Resume: the ids in `maybe_done` (they have arrays in `out`) are verified first, concurrently (every field
+    read back, checksum checked); a finished one is kept (status "kept", not recomputed), a damaged one is
+    computed again.
+    I/O overlaps compute: the inputs named by the stage's PREFETCH ("image", "mask", "<stage>/<field>") of the
+    next `lookahead` images are read and decoded on background threads while the current one is computed,
+    and with `out`, writes go out on a background thread (StageOutput.write_behind)."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    rows = []
-    it = tqdm(ids, desc=desc, disable=not show_progress, leave=False)
-    for k, image_id in enumerate(it):
-        t = time.perf_counter()
-        if out is not None and maybe_done and image_id in maybe_done and out.is_done(image_id, verify=True):
-            rows.append({"image_id": image_id, "status": KEPT, "seconds": time.perf_counter() - t})
-        else:
-            stats = worker.process(image_id) or {}
-            rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t,
-                         "written_at": time.time(), **stats})
-        if on_done:
-            on_done(k + 1, len(ids))
+    ctx = getattr(worker, "ctx", None)
+    if prefetch is None:
+        prefetch = tuple(getattr(sys.modules.get(type(worker).__module__), "PREFETCH", ()))
+    rows: list[dict] = []
+    pool = ThreadPoolExecutor(io_threads, thread_name_prefix="rca-io")
+    try:
+        check = [i for i in ids if out is not None and maybe_done and i in maybe_done]
+        kept = {i for i, ok in zip(check, pool.map(lambda i: out.is_done(i, verify=True), check)) if ok}
+        todo = [i for i in ids if i not in kept]
+        position = {i: k for k, i in enumerate(todo)}
+
+        def start(k: int) -> None:
+            if ctx is None or k >= len(todo):
+                return
+            for spec in prefetch:
+                if spec in ("image", "mask"):
+                    ctx.dataset.prefetch(spec, todo[k], pool)
+                else:
+                    stage, field = spec.split("/", 1)
+                    ctx.inputs[stage].prefetch(todo[k], field, pool)
+
+        for k in range(min(lookahead, len(todo))):
+            start(k)
+        writes = out.write_behind() if out is not None else contextlib.nullcontext()
+        with writes:
+            it = tqdm(ids, desc=desc, disable=not show_progress, leave=False)
+            for n, image_id in enumerate(it):
+                t = time.perf_counter()
+                if image_id in kept:
+                    rows.append({"image_id": image_id, "status": KEPT, "seconds": 0.0})
+                else:
+                    start(position[image_id] + lookahead)
+                    stats = worker.process(image_id) or {}
+                    rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t,
+                                 "written_at": time.time(), **stats})
+                if on_done:
+                    on_done(n + 1, len(ids))
+    finally:
+        if ctx is not None:
+            ctx.dataset.drop_prefetched() if hasattr(ctx.dataset, "drop_prefetched") else None
+            for inp in ctx.inputs.values():
+                inp.drop_prefetched()
+        pool.shutdown(wait=True, cancel_futures=True)
     return rows
 
 

@@ -19,6 +19,7 @@ STAGE = "cam_infer"
 CODE_VERSION = "1"
 INPUTS = ("cam_train", "memory_build")
 FIELDS = ["cam", "cam_low"]
+PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 
 
 class Worker:

@@ -18,6 +18,7 @@ STAGE = "crf_labels"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer",)
 FIELDS = ["crf_label"]
+PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 
 
 def read_cams(cam_out, image_id: str) -> tuple[np.ndarray, list[int]]:

@@ -23,6 +23,7 @@ STAGE = "memory_build"
 CODE_VERSION = "1"
 INPUTS = ("cam_train",)
 FIELDS = ["emb"]
+PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 
 
 class Worker:

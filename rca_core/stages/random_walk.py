@@ -26,6 +26,7 @@ STAGE = "random_walk"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer", "affinity_train")
 FIELDS = ["pseudo_mask"]
+PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 
 
 class Worker:

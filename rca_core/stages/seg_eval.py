@@ -22,6 +22,7 @@ STAGE = "seg_eval"
 CODE_VERSION = "1"
 INPUTS = ["seg_train"]
 FIELDS = ["pred"]
+PREFETCH = ("image", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 
 
 class Worker:
