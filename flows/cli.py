@@ -300,10 +300,10 @@ def predict(checkpoint: Path = typer.Argument(..., help="segmenter.pt in the seg
         from rca_core.predict import predict_folder
 
         t0 = time.time()
-        with console.Phase(f"predict: {checkpoint.name} on {len(files) if isinstance(files, list) else files}"):
-            errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
-                                    device=None if device == "auto" else device, overlays=overlays,
-                                    show_progress=console.CONSOLE.is_tty())
+        # a terminal shows predict_folder's own progress bar (it disappears at the end); a pipe gets none
+        errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
+                                device=None if device == "auto" else device, overlays=overlays,
+                                show_progress=console.CONSOLE.is_tty())
         n = len(list((out / "masks").glob("*.png")))
         _say(f"predict: {n} masks in {out / 'masks'}" + (f", overlays in {out / 'overlays'}" if overlays else "")
              + f" ({time.time() - t0:.1f} s)" + (f"; {len(errors)} input(s) failed:" if errors else ""))

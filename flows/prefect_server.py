@@ -33,8 +33,15 @@ def server_env(home: Path, port: int) -> dict[str, str]:
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
     }
+
+
+def server_process_env(home: Path, port: int) -> dict[str, str]:
+    """The server process's own environment: server_env plus quiet logging (its log is
+    PREFECT_HOME/server.log). Clients keep their own PREFECT_LOGGING_LEVEL, so that their run logs reach
+    the API and the UI at INFO (tasks.console keeps Prefect's console output off the terminal)."""
+    return {**server_env(home, port), "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_SERVER_LOGGING_LEVEL": os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")}
 
 
 def wait_healthy(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -60,7 +67,7 @@ def local_prefect_server(home: str | Path, port: int | None = None, log_file: st
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    env = {**os.environ, **server_env(home, port)}
+    env = {**os.environ, **server_process_env(home, port)}
     log = open(log_file or home / "server.log", "ab")
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

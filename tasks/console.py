@@ -20,6 +20,8 @@ Only the driver process uses this module; Ray workers write to their stdout/stde
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -49,8 +51,9 @@ class Console:
     """
 
     def __init__(self, stream=None, tty: bool | None = None, width: int | None = None,
-                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 interval: float | None = None, clock: Callable[[], float] = time.monotonic, ticker: bool = True):
         self._stream, self._tty, self._width = stream, tty, width
+        self._use_ticker = ticker
         self.interval = float(os.environ.get("RCA_PROGRESS_INTERVAL", "30")) if interval is None else interval
         self.clock = clock
         self._lock = threading.RLock()
@@ -98,7 +101,7 @@ class Console:
             self._live = src
             self._last_plain = self.clock()
             self._draw()
-        if self.is_tty():
+        if self._use_ticker:
             self._start_ticker()
 
     def clear_live(self, src: LiveSource) -> None:
@@ -150,7 +153,8 @@ class Console:
             pass
 
     def _start_ticker(self) -> None:
-        """Once a second: redraw the live line so that elapsed time and ETA move between updates."""
+        """Once a second: redraw the live line so that elapsed time and ETA move between updates (a
+        terminal), or print its periodic plain line for a stage that reports nothing new (a pipe)."""
         if self._ticker is not None and self._ticker.is_alive():
             return
 
@@ -170,13 +174,38 @@ class Console:
 CONSOLE = Console()
 
 
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines go to the run log (progress bars of library code during a phase)."""
+
+    def __init__(self, source: str):
+        self.source, self._buf = source, ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            if clean(line):
+                log_line(self.source, line)
+        return len(s)
+
+    def flush(self) -> None:
+        if clean(self._buf):
+            log_line(self.source, self._buf)
+        self._buf = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
 class Phase:
     """A set-up step shown as a live line on a terminal while it runs (`with Phase("starting X"):`);
-    the caller prints the one result line after it."""
+    the caller prints the one result line after it. With a run log, what library code writes to stderr
+    meanwhile (a progress bar that ignores TQDM_DISABLE) goes to the log."""
 
     def __init__(self, what: str, console: Console | None = None):
         self.what, self.console = what, console or CONSOLE
         self.t0 = self.console.clock()
+        self._redirect = None
 
     def render(self, now: float, width: int) -> str:
         s = int(now - self.t0)
@@ -185,12 +214,19 @@ class Phase:
     def __enter__(self):
         self.t0 = self.console.clock()
         log_line("rca", self.what)
+        if active() and not STATE.verbose:
+            self._redirect = contextlib.redirect_stderr(_LogStream("stderr"))
+            self._redirect.__enter__()
         if self.console.is_tty():
             self.console.set_live(self)
         return self
 
     def __exit__(self, *exc):
         self.console.clear_live(self)
+        if self._redirect is not None:
+            sys.stderr.flush()
+            self._redirect.__exit__(*exc)
+            self._redirect = None
         return False
 
 
@@ -480,8 +516,7 @@ def capture_ray_logs() -> bool:
     import ray._private.worker as rw
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    if not STATE.verbose:
-        dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("ray_print_logs")  # ours prints them too with --verbose (one copy, no colours)
     dispatcher.remove_handler("rca_run_log")
     dispatcher.add_handler("rca_run_log", ray_lines)
     # error messages are printed through this module function (listen_error_messages)
