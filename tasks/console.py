@@ -454,10 +454,14 @@ def drain_prefect(timeout: float = 10.0) -> None:
         log_line("rca", f"draining Prefect's events worker: {type(e).__name__}: {e}")
 
 
-def failure(exc: BaseException) -> str:
-    """The console line for a failed command; the traceback goes to the run log."""
+def failure(exc: BaseException, max_lines: int = 12) -> str:
+    """What the console shows of a failed command: the error's type and message (its first `max_lines`
+    lines, each at most 300 characters); the whole traceback goes to the run log."""
     log_line("rca ERROR", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+    lines = [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines]
+    more = len(lines) - max_lines
+    text = "\n".join(lines[:max_lines]) + (f"\n  ... ({more} more lines in the run log)" if more > 0 else "")
     return f"{PREFIX}failed: {type(exc).__name__}: {text}"
 
 

@@ -259,11 +259,16 @@ def test_ray_worker_output_goes_to_the_run_log_and_live_with_verbose(tmp_path, c
 def test_failure_is_one_console_line_and_the_traceback_goes_to_the_log(tmp_path):
     path = con.setup(tmp_path / "run.log")
     try:
-        raise RuntimeError("stage cam_train needs stage x,\n which is not complete")
+        raise RuntimeError("stage cam_train: 2 problem(s):\n  node a: no store\n  node b: no data")
     except RuntimeError as e:
-        line = con.failure(e)
+        text = con.failure(e)
+    try:
+        raise ValueError("\n".join(f"line {i}" for i in range(40)))
+    except ValueError as e:
+        long = con.failure(e).splitlines()
     con.teardown()
-    assert line == "[rca] failed: RuntimeError: stage cam_train needs stage x, which is not complete"
+    assert text == "[rca] failed: RuntimeError: stage cam_train: 2 problem(s):\n  node a: no store\n  node b: no data"
+    assert len(long) == 13 and long[-1] == "  ... (28 more lines in the run log)"
     text = path.read_text()
     assert "Traceback (most recent call last)" in text and "test_console.py" in text
 
