@@ -113,11 +113,17 @@ def stage(name: str = typer.Argument(..., help="stage name (see `rca config show
     import time
 
     cfg = _load(config, set_)
-    with _console(cfg, verbose, f"stage {name}", quiet_bars=not local):
+    from tasks.console import CONSOLE
+
+    # --local runs the library's plain loop with its own progress bars: shown on a terminal only
+    with _console(cfg, verbose, f"stage {name}", quiet_bars=not (local and CONSOLE.is_tty())):
         if local:
             from rca_core.stages import run_stage
+            from tasks import progress
 
+            t0 = time.time()
             summary = run_stage(name, cfg, with_upstream=with_upstream)
+            _say(progress.summary_line(name, "ran", time.time() - t0, summary))
         else:
             from flows.stage_flows import run_stage_flow
 
@@ -160,9 +166,10 @@ def _say(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _console(cfg, verbose: bool, what: str, quiet_bars: bool = True, log: Optional[Path] = None):
-    """The run log and the console for one command: prints the log's path first and last; a failure is
-    one line on stderr (its traceback in the log), exit code 1."""
+def _console(cfg, verbose: bool, what: str, quiet_bars: bool = True, log: Optional[Path] = None,
+             announce: bool = True):
+    """The run log and the console for one command: prints the log's path first (`announce`) and last;
+    a failure is the error's message on stderr (its traceback in the log), exit code 1."""
     import os
 
     from tasks import console
@@ -170,18 +177,20 @@ def _console(cfg, verbose: bool, what: str, quiet_bars: bool = True, log: Option
     path = console.setup(log if log is not None else console.run_log_location(cfg.store, cfg.name), verbose=verbose)
     if quiet_bars:  # progress bars of library code in this process: the live lines replace them
         os.environ["TQDM_DISABLE"] = os.environ["RCA_NO_PROGRESS"] = "1"
-    console.say(f"{what}: log {path}" + (" (shown live: --verbose)" if verbose else
-                                        " (Ray workers, Prefect, warnings; --verbose shows them here)"))
+    if announce:
+        console.say(f"{what}: log {path}" + (" (shown live: --verbose)" if verbose else
+                                            " (Ray workers, Prefect, warnings; --verbose shows them here)"))
+    failed = False
     try:
         yield path
     except (typer.Exit, typer.Abort, click.exceptions.ClickException):
         raise
     except Exception as e:  # noqa: BLE001
+        failed = True
         console.say(console.failure(e), err=True, log=False)
-        console.say(f"traceback and worker output: {path}", err=True)
         raise typer.Exit(1)
     finally:
-        console.say(f"log: {path}")
+        console.say(f"log: {path}" + (" (the traceback and the workers' output)" if failed else ""), err=failed)
         console.teardown()
 
 
@@ -296,15 +305,16 @@ def predict(checkpoint: Path = typer.Argument(..., help="segmenter.pt in the seg
 
     files = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else list(inputs)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with _console(None, verbose, "predict", log=out / "logs" / f"predict-{stamp}.log"):
-        from rca_core.predict import predict_folder
+    with _console(None, verbose, "predict", log=out / "logs" / f"predict-{stamp}.log", announce=False):
+        from rca_core.predict import list_inputs, predict_folder
 
         t0 = time.time()
+        listed, _ = list_inputs(files)
         # a terminal shows predict_folder's own progress bar (it disappears at the end); a pipe gets none
         errors = predict_folder(checkpoint, files, out, batch_size=batch_size,
                                 device=None if device == "auto" else device, overlays=overlays,
                                 show_progress=console.CONSOLE.is_tty())
-        n = len(list((out / "masks").glob("*.png")))
+        n = max(0, len(listed) - sum(1 for e in errors if "cannot read" in e or "cannot write" in e))
         _say(f"predict: {n} masks in {out / 'masks'}" + (f", overlays in {out / 'overlays'}" if overlays else "")
              + f" ({time.time() - t0:.1f} s)" + (f"; {len(errors)} input(s) failed:" if errors else ""))
         for e in errors:
