@@ -337,16 +337,14 @@ def run_log_location(store: str, name: str, cwd: str | Path | None = None) -> Pa
 # message regex, why it is harmless).
 HARMLESS_WARNINGS: list[tuple[str, str, str]] = [
     ("UserWarning", r"Sparse CSR tensor support is in beta",
-     "torch's notice for the random walk's sparse transition matrix; results are checked by tests"),
+     "torch's notice for the random walk's sparse transition matrix (rca_core/random_walk_ops.py); the walk's "
+     "results are covered by tests"),
     ("UserWarning", r"find_unused_parameters=True was specified in DDP constructor",
-     "DDP's note that our models use every parameter on this step; only costs a graph traversal"),
-    ("UserWarning", r"(?s)Grad strides do not match bucket view strides",
-     "DDP performance note on channels-last layouts; gradients are still correct"),
-    ("DeprecationWarning", r".*", "library-internal deprecations; nothing to change in a run config"),
-    ("PendingDeprecationWarning", r".*", "library-internal deprecations; nothing to change in a run config"),
-    ("FutureWarning", r".*", "library-internal API changes announced by torch/Ray/Prefect; not run settings"),
-    ("ResourceWarning", r".*", "unclosed sockets/files at interpreter exit; harmless for a finished command"),
-    ("RuntimeWarning", r"coroutine .* was never awaited", "Prefect internals at shutdown"),
+     "DDP's note that every parameter was used on this step; it only costs one graph traversal"),
+    ("UserWarning", r"Grad strides do not match bucket view strides",
+     "DDP's performance note on a memory layout; gradients are still exact"),
+    ("FutureWarning", r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+     "a torch API our synced BatchNorm uses (rca_core/models/norm.py); a note for developers, not for a run"),
 ]
 _HARMLESS = [(c, re.compile(m)) for c, m, _ in HARMLESS_WARNINGS]
 
