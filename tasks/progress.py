@@ -142,7 +142,7 @@ class StageProgress:
     def render(self, now: float, width: int) -> str:
         elapsed = fmt_duration(now - self.t0)
         if self.total is None:
-            return f"{self.stage:<15} starting ... {elapsed}"
+            return f"{self.stage:<15} running, {elapsed} elapsed (no {self.unit} done yet)"
         pct = 100.0 * self.done / max(1, self.total)
         bar_w = 20
         fill = int(round(bar_w * min(1.0, self.done / max(1, self.total))))

@@ -42,7 +42,7 @@ def summary_lines(out: str) -> dict[str, list[str]]:
 
 def is_progress_line(ln: str) -> bool:
     """A plain periodic progress line (a pipe gets one every RCA_PROGRESS_INTERVAL s of a stage)."""
-    return bool(re.match(rf"^({STAGE_RX})\s+(starting \.\.\.|(\[[#.]+\] )?\d+/\d+ \w+ )", ln))
+    return bool(re.match(rf"^({STAGE_RX})\s+(running, \d+:\d\d elapsed|(\[[#.]+\] )?\d+/\d+ \w+ )", ln))
 
 
 def log_path_of(out: str) -> Path:
