@@ -3,7 +3,7 @@
 The console shows: one line per set-up phase, one live progress line per running stage, one summary line
 per finished stage, the end-of-run table, and errors. A live line needs a terminal: there it is redrawn
 in place (\\r); when stdout is a pipe or a CI log, the same line is printed as a plain line at most every
-RCA_PROGRESS_INTERVAL seconds (default 30).
+RCA_PROGRESS_INTERVAL seconds (default 60; every 5 intervals while a stage reports no progress).
 
 The run log (runs/<name>/logs/<timestamp>.log next to a local store; a local runs/<name>/logs/ when the
 store is a bucket) gets, with a timestamp and the source of each line:
@@ -54,12 +54,13 @@ class Console:
                  interval: float | None = None, clock: Callable[[], float] = time.monotonic, ticker: bool = True):
         self._stream, self._tty, self._width = stream, tty, width
         self._use_ticker = ticker
-        self.interval = float(os.environ.get("RCA_PROGRESS_INTERVAL", "30")) if interval is None else interval
+        self.interval = float(os.environ.get("RCA_PROGRESS_INTERVAL", "60")) if interval is None else interval
         self.clock = clock
         self._lock = threading.RLock()
         self._live: LiveSource | None = None
         self._drawn = 0          # characters of the live line now on the terminal
         self._last_plain = None  # clock time of the last plain progress line
+        self._last_state = None  # the live source's state() then
         self._ticker: threading.Thread | None = None
 
     # -- where output goes
@@ -100,6 +101,7 @@ class Console:
             self._erase()
             self._live = src
             self._last_plain = self.clock()
+            self._last_state = src.state() if hasattr(src, "state") else None
             self._draw()
         if self._use_ticker:
             self._start_ticker()
@@ -122,8 +124,11 @@ class Console:
                 now = self.clock()
                 if getattr(self._live, "finished", False):
                     return  # its summary line comes next
-                if self._last_plain is None or now - self._last_plain >= self.interval:
-                    self._last_plain = now
+                state = self._live.state() if hasattr(self._live, "state") else None
+                # a line every `interval` while there is progress; one every 5 intervals while there is none
+                wait = self.interval if state != self._last_state else 5 * self.interval
+                if self._last_plain is None or now - self._last_plain >= wait:
+                    self._last_plain, self._last_state = now, state
                     text = self._live.render(now, 10_000)
                     self.stream.write(text + "\n")
                     self._flush(self.stream)

@@ -3,7 +3,7 @@
 `StageProgress(stage)` is the `on_progress(done, total)` callable handed to run_per_image_stage /
 run_training_stage. Each call updates
 - the live line on the console (tasks.console: redrawn in place on a terminal, a plain line every
-  RCA_PROGRESS_INTERVAL seconds otherwise): `stage  [####....]  3/10 epochs  30%  0.21 epochs/s  ETA 0:33`;
+  RCA_PROGRESS_INTERVAL seconds otherwise, default 60): `stage  [####....]  3/10 epochs  30%  0.21 epochs/s  ETA 0:33`;
 - the Prefect progress artifact `rca-<stage>-progress` (at most every `every` seconds).
 `close()` ends the live line and records the stage's figures for its summary line (`finished(stage)`,
 `summary_line`). Units: "images" for per-image stages, "epochs" for training stages, unless the caller
@@ -98,6 +98,9 @@ class StageProgress:
                                          description=f"stage {self.stage}: {done}/{total} {self.unit}")
             except Exception as e:  # noqa: BLE001 - the artifact is a view; never fail the stage for it
                 con.log_line("rca", f"progress artifact of {self.stage}: {type(e).__name__}: {e}")
+
+    def state(self) -> tuple:
+        return (self.done, self.total, self.unit)
 
     @property
     def finished(self) -> bool:

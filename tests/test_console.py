@@ -108,15 +108,21 @@ def test_pipe_gets_plain_lines_at_most_every_interval_and_none_at_the_end():
     assert "\r" not in out and "\x1b" not in out
     assert out.splitlines() == [out.splitlines()[0]] and "3/10 epochs" in out
     clock.t += 100
-    c.tick()  # the ticker: a stage that reports nothing new still gets its periodic line
-    assert len(c.stream.getvalue().splitlines()) == 2
+    c.tick()  # the ticker: the progress since the last line (4/10) is printed without a new update
+    assert len(c.stream.getvalue().splitlines()) == 2 and "4/10 epochs" in c.stream.getvalue().splitlines()[1]
+    clock.t += 100
+    c.tick()
+    assert len(c.stream.getvalue().splitlines()) == 2, "no progress: a line only every 5 intervals"
+    clock.t += 60
+    c.tick()
+    assert len(c.stream.getvalue().splitlines()) == 3
     p(10, 10)
     clock.t += 100
     c.tick()
-    assert len(c.stream.getvalue().splitlines()) == 2, "a finished stage: its summary line comes next"
+    assert len(c.stream.getvalue().splitlines()) == 3, "a finished stage: its summary line comes next"
     p.close()
     c.tick()
-    assert len(c.stream.getvalue().splitlines()) == 2
+    assert len(c.stream.getvalue().splitlines()) == 3
 
 
 def test_rate_leaves_out_start_up_and_resumed_units():
