@@ -109,7 +109,7 @@ def start_ray(cfg, num_cpus: int | None = None) -> dict:
     """ray.init and warm one worker process per CPU (each imports torch and rca_core); returns the seconds."""
     import ray
 
-    from tasks.ray_runtime import RAY_ENV
+    from tasks.ray_runtime import LOCAL_RAY_ENV as RAY_ENV
 
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)

@@ -48,7 +48,7 @@ class ConfusionMatrix:
         self.mat += np.bincount(g * self.n + p, minlength=self.n * self.n).reshape(self.n, self.n)
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
-        self.mat += other.mat
+        self.mat = self.mat + other.mat  # not in place: a matrix that came back from a Ray worker is read-only
         self.valid_pixels += other.valid_pixels
         self.kept_pixels += other.kept_pixels
         return self
@@ -87,6 +87,11 @@ class PseudoMaskScore:
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
         self.all.update(pred, gt)
         self.confident.update(pred, gt)
+
+    def merge(self, other: "PseudoMaskScore") -> "PseudoMaskScore":
+        self.all.merge(other.all)
+        self.confident.merge(other.confident)
+        return self
 
     def compute(self) -> dict:
         a, c = self.all.compute(), self.confident.compute()

@@ -82,7 +82,9 @@ def options_for(location: str, storage: Any = None) -> dict:
     else:
         given = {}
     if proto in ("s3", "s3a"):
-        opts: dict = {}
+        # no directory-listing cache: other processes (workers on other nodes) add objects all the time, and a
+        # cached listing would hide them (finished images, checkpoints, manifest parts)
+        opts: dict = {"use_listings_cache": False}
         endpoint = given.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = given.get("region") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if endpoint:
@@ -95,7 +97,7 @@ def options_for(location: str, storage: Any = None) -> dict:
             opts["anon"] = True
         return opts
     if proto in ("gs", "gcs"):
-        opts = {}
+        opts = {"cache_timeout": 0}  # no listing cache (see s3 above)
         if given.get("endpoint_url"):
             opts["endpoint_url"] = given["endpoint_url"]
         if given.get("project"):

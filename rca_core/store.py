@@ -42,6 +42,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from rca_core import storage as io_
 
 MARKER = "rca_crc32"
+WRITE_BEHIND_DEPTH = 2  # images queued for writing at most, behind the one being computed
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),)
 
@@ -153,6 +154,7 @@ class StageOutput:
         self._group = None
         self._writer = None         # write-behind: one background thread, writes in order (see write_behind)
         self._pending: list = []
+        self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
 
     def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
@@ -174,15 +176,22 @@ class StageOutput:
         if new != known:
             grp.attrs.update({"fields": new})
         self._group = grp
+        self._fields = new
         return self
 
     @property
     def fields(self) -> list[str]:
+        """The per-image fields (read once; prepare() sets them)."""
+        if getattr(self, "_fields", None):
+            return list(self._fields)
         try:
             grp = zarr.open_group(self.store.zstore, path=self.key, mode="r")
         except Exception:
             return []
-        return list(grp.attrs.get("fields", []))
+        found = list(grp.attrs.get("fields", []))
+        if found:
+            self._fields = found
+        return found
 
     def exists(self) -> bool:
         return bool(self.fields) or self.is_complete()
@@ -214,11 +223,21 @@ class StageOutput:
         the next write or at flush()."""
         check_image_id(image_id)
         if self._writer is not None:
-            self._raise_failed()
+            while self._pending and (self._pending[0].done() or len(self._pending) >= WRITE_BEHIND_DEPTH):
+                self._pending.pop(0).result()  # raises the first failure here, in the caller
             arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
-            self._pending.append(self._writer.submit(self._write_now, image_id, arrays, attrs))
+            self._pending.append(self._writer.submit(self._write_queued, image_id, arrays, attrs))
             return
         self._write_now(image_id, arrays, attrs)
+
+    def _write_queued(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None) -> None:
+        if self._write_failed:  # after a failed write nothing more is written (the stage stops there)
+            raise StoreError(f"write of {self.key}/*/{image_id} skipped after an earlier write failed")
+        try:
+            self._write_now(image_id, arrays, attrs)
+        except BaseException:
+            self._write_failed = True
+            raise
 
     def write_behind(self):
         """Context: per-image writes go to one background thread, so that the next image is computed while
@@ -232,6 +251,7 @@ class StageOutput:
                 yield self
                 return
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="rca-write")
+            self._write_failed = False
             try:
                 yield self
                 self.flush()
@@ -249,13 +269,6 @@ class StageOutput:
         errors = [e for e in errors if e is not None]
         if errors:
             raise errors[0]
-
-    def _raise_failed(self) -> None:
-        done = [f for f in self._pending if f.done()]
-        for f in done:
-            if f.exception() is not None:
-                self.flush()
-        self._pending = [f for f in self._pending if not f.done()]
 
     def prefetch(self, image_id: str, field: str, executor) -> None:
         """Start reading (image_id, field) on `executor`; the next read() of it returns that result."""
@@ -312,7 +325,8 @@ class StageOutput:
         return arr, attrs
 
     def is_done(self, image_id: str, verify: bool = False) -> bool:
-        for field in self.fields:
+        fields = self.fields
+        for field in fields:
             if verify:
                 try:
                     self.read(image_id, field)
@@ -325,7 +339,7 @@ class StageOutput:
                         return False
                 except Exception:
                     return False
-        return bool(self.fields)
+        return bool(fields)
 
     def pending(self, image_ids: Iterable[str], verify: bool = False) -> list[str]:
         """Ids not done yet (or damaged, with verify=True), in the given order."""

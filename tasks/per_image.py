@@ -1,62 +1,219 @@
-"""Per-image stages over Ray: shards of image ids go to Ray tasks; each worker process builds the
-stage's Worker (models loaded) once and keeps it for every later shard of the same stage.
+"""Per-image stages over a pool of Ray actors.
 
-Workers open the store by its URL with create=False and never generate the demo set; a preflight
-(tasks/preflight.py) first checks that every node sees the store and the data.
-The driver owns all metadata: it prepares the stage's groups, writes the manifest part of each
-finished shard, runs `finalize` and marks the stage complete. Workers only write the per-image arrays
-of their shard. A killed worker's shard is retried by Ray (max_retries); images already written are
-kept, and rewriting one is idempotent (deterministic bytes). No Prefect call happens in a worker.
+- One `StageActor` per slot of the cluster (all of it by default, `ray.actors` caps it); the stage's
+  Worker (its models) is built once per actor and kept for every later shard of the stage; a pool of the
+  same resource shape is reused by the next per-image stage of the run (the actor swaps the stage's Worker).
+- Per-stage resources: stages whose module says USES_GPU (cam_infer, memory_build, seg_eval) ask for
+  `ray.gpus_per_worker` GPUs per actor (fractions allowed; 0 = one per actor when the cluster has GPUs);
+  the others (crf_labels, random_walk, cam_eval) ask for CPUs only.
+- Shards (`ray.shard_size` images per call at most) are balanced: their count is a multiple of the pool
+  size, so the last wave is not one straggler. Inside a call, the next images' inputs are read and
+  decoded while the current one is computed, and writes go out behind (rca_core.stages.process_images).
+- Workers verify the images they are given (a finished image is kept, not recomputed) and return their
+  manifest rows and the stage's statistics (confusion matrices, embeddings); the driver only merges
+  them: no stage reads every image on the driver.
+- A lost actor (its process or its node died) is dropped and its shard goes to another actor of the pool
+  (a few times at most); images it had finished are found finished there and kept. The actor is not
+  restarted in place: on a lost node that would wait for the node to come back.
+The driver owns all metadata (prepare, manifest parts, finalize, completion). No Prefect call happens
+in a worker.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable
 
 from rca_core.config import RunConfig
-from rca_core.stages import KEPT, make_context, new_manifest_rows, plan, process_images, stage_module
+from rca_core.stages import KEPT, make_context, plan, process_images, stage_module
 from rca_core.store import ArtifactStore
 
 from .preflight import preflight
 from .ray_runtime import gpus_per_worker
 
-_WORKERS: dict[tuple, object] = {}  # per worker process: (stage key, store url) -> stage Worker
+_POOLS: dict[tuple, list] = {}  # driver: (job id, cpus, gpus) -> actor handles, reused across stages
 
 
-def _shard_fn(name: str, cfg_json: dict, store_url: str, ids: list[str], maybe_done: list[str]) -> list[dict]:
+class StageActorImpl:
+    """Runs shards of any per-image stage; keeps the current stage's Worker between calls."""
+
+    def __init__(self):
+        self.key = None
+        self.worker = None
+        self.builds: dict[tuple, int] = {}  # stage key -> Worker builds in this process
+        self._cfg_json, self._cfg = None, None
+
+    def run(self, name: str, cfg_json: dict, store_url: str, ids: list[str]) -> dict:
+        import ray
+        import torch
+
+        if cfg_json != self._cfg_json:
+            self._cfg_json, self._cfg = cfg_json, RunConfig.model_validate(cfg_json)
+        cfg = self._cfg
+        key = (name, plan(cfg)[name].fingerprint, store_url)
+        if self.key != key:
+            self.worker = None  # free the previous stage's models first
+            torch.set_num_threads(cfg.compute.threads or max(1, int(cfg.ray.cpus_per_worker)))
+            store = ArtifactStore(store_url, cfg.storage, create=False)
+            ctx = make_context(name, cfg, store, generate=False)
+            if ray.get_gpu_ids() and torch.cuda.is_available():
+                ctx.device = torch.device("cuda")
+            self.worker = stage_module(name).Worker(cfg, ctx)
+            self.key = key
+            self.builds[key] = self.builds.get(key, 0) + 1
+        worker = self.worker
+        delay = float(os.environ.get("RCA_FAULT_IMAGE_DELAY", "0"))  # fault-injection hook for reliability tests
+        node = ray.get_runtime_context().get_node_id()
+        rows = process_images(worker, ids, out=worker.ctx.out,
+                              on_done=(lambda done, total: time.sleep(delay)) if delay else None)
+        rows = [{**row, "node_id": node, "pid": os.getpid()} for row in rows]
+        return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None,
+                "builds": self.builds[key], "node_id": node, "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "resources": ray.get_runtime_context().get_assigned_resources()}
+
+    def ping(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def stage_resources(name: str, cfg: RunConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) per actor of a stage: GPU stages get `ray.gpus_per_worker` (auto: 1 when the cluster
+    has GPUs), the CPU-only stages none."""
+    cpus = float(cfg.ray.cpus_per_worker)
+    gpus = gpus_per_worker(cfg.ray) if getattr(stage_module(name), "USES_GPU", False) else 0.0
+    return cpus, gpus
+
+
+def pool_capacity(cpus: float, gpus: float) -> int:
+    """How many actors of this shape the cluster holds at once (alive nodes' totals)."""
     import ray
-    import torch
 
-    cfg = RunConfig.model_validate(cfg_json)
-    key = (name, plan(cfg)[name].fingerprint, store_url)
-    worker = _WORKERS.get(key)
-    if worker is None:
-        torch.set_num_threads(cfg.compute.threads or max(1, int(cfg.ray.cpus_per_worker)))
-        mod = stage_module(name)
-        store = ArtifactStore(store_url, cfg.storage, create=False)
-        worker = mod.Worker(cfg, make_context(name, cfg, store, generate=False))
-        _WORKERS.clear()  # one stage's models at a time per process
-        _WORKERS[key] = worker
-    delay = float(os.environ.get("RCA_FAULT_IMAGE_DELAY", "0"))  # fault-injection hook for reliability tests
-    node = ray.get_runtime_context().get_node_id()
-    rows = []
-    for row in process_images(worker, ids, out=worker.ctx.out, maybe_done=set(maybe_done)):
-        rows.append({**row, "node_id": node, "pid": os.getpid()})
-        if delay and row["status"] != KEPT:
-            time.sleep(delay)
-    return rows
+    res = ray.cluster_resources()
+    n = math.floor(float(res.get("CPU", 0)) / cpus + 1e-9) if cpus else 10 ** 6
+    if gpus:
+        n = min(n, math.floor(float(res.get("GPU", 0)) / gpus + 1e-9))
+    return max(1, n)
+
+
+def balanced_shards(ids: list[str], shard_size: int, slots: int) -> list[list[str]]:
+    """Shards of at most `shard_size` images whose count is a multiple of `slots`, sizes differing by one
+    at most (contiguous, in order)."""
+    if not ids:
+        return []
+    n = max(1, math.ceil(len(ids) / shard_size))
+    n = min(len(ids), math.ceil(n / slots) * slots)
+    base, extra = divmod(len(ids), n)
+    out, start = [], 0
+    for k in range(n):
+        size = base + (1 if k < extra else 0)
+        out.append(ids[start:start + size])
+        start += size
+    return out
+
+
+def release_pools() -> None:
+    """End every pooled actor (before a training stage needs the CPUs/GPUs, and at the end of a run)."""
+    import ray
+
+    for actors in _POOLS.values():
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    _POOLS.clear()
+
+
+def _pool_key(cpus: float, gpus: float) -> tuple:
+    import ray
+
+    rc = ray.get_runtime_context()
+    return (rc.gcs_address, rc.get_job_id(), cpus, gpus)
+
+
+def get_pool(cfg: RunConfig, cpus: float, gpus: float, size: int) -> list:
+    """`size` actors of this shape: the run's pool (dead ones replaced, grown if needed); pools of other
+    shapes are released."""
+    import ray
+
+    key = _pool_key(cpus, gpus)
+    for k in [k for k in _POOLS if k != key]:
+        for a in _POOLS.pop(k):
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - an actor of an earlier Ray session
+                pass
+    actors = _POOLS.setdefault(key, [])
+    if actors:  # drop actors that died since the last stage (lost node or process)
+        pings = [a.ping.remote() for a in actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=30)
+        alive = []
+        for a, p in zip(actors, pings):
+            try:
+                if p in ready:
+                    ray.get(p)
+                    alive.append(a)
+            except Exception:  # noqa: BLE001 - dead
+                pass
+        actors[:] = alive
+    cls = ray.remote(StageActorImpl).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+                                             scheduling_strategy="SPREAD")
+    while len(actors) < size:
+        actors.append(cls.remote())
+    return actors[:size]
+
+
+def _actor_lost(e: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    lost = tuple(c for c in (getattr(rex, "RayActorError", None), getattr(rex, "ActorDiedError", None),
+                             getattr(rex, "ActorUnavailableError", None), getattr(rex, "NodeDiedError", None),
+                             getattr(rex, "WorkerCrashedError", None)) if c is not None)
+    return isinstance(e, lost)
+
+
+def _run_shards(actors: list, shards: list[list[str]], call, lost: list, max_requeue: int = 3, replace=None):
+    """Yield the result of every shard, each run by a free actor; a shard whose actor was lost goes back to
+    the queue for another actor (at most `max_requeue` times); when no actor is left, `replace()` makes a new
+    one; other errors (the stage's own) are raised."""
+    import collections
+
+    import ray
+
+    queue = collections.deque((shard, 0) for shard in shards)
+    free = list(actors)
+    in_flight: dict = {}
+    while queue or in_flight:
+        while queue and free:
+            actor = free.pop(0)
+            shard, tries = queue.popleft()
+            in_flight[call(actor, shard)] = (actor, shard, tries)
+        if not in_flight:
+            if replace is None or len(lost) > max_requeue * max(1, len(shards)):
+                raise RuntimeError(f"every actor of the stage was lost ({len(lost)}); {len(queue)} shards left")
+            free.append(replace())
+            continue
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            actor, shard, tries = in_flight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                if not _actor_lost(e) or tries >= max_requeue:
+                    raise
+                lost.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                queue.appendleft((shard, tries + 1))  # the actor stays out of the pool
+                continue
+            free.append(actor)
+            yield res
 
 
 def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
                         on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run (or resume) one per-image stage across Ray workers; returns its summary.
-
-    The driver lists which images already have arrays (one listing per field, no per-image reads) and
-    sends every image out in shards; workers verify the listed ones (kept when intact) and compute the rest.
-    """
-    import ray
-
+    """Run (or resume) one per-image stage across the actor pool; returns its summary."""
     mod = stage_module(name)
     store = ArtifactStore(store_url, cfg.storage)
     plans = plan(cfg)
@@ -65,38 +222,53 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
     out = ctx.out
     t0 = time.time()
     out.prepare(getattr(mod, "FIELDS", ()))
-    listed = set(out.done_ids())
-    shards = [ctx.ids[i:i + cfg.ray.shard_size] for i in range(0, len(ctx.ids), cfg.ray.shard_size)]
-    gpus = gpus_per_worker(cfg.ray)
-    remote = ray.remote(max_retries=3)(_shard_fn).options(
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=gpus, scheduling_strategy="SPREAD")
+    cpus, gpus = stage_resources(name, cfg)
+    slots = pool_capacity(cpus, gpus)
+    if cfg.ray.actors:
+        slots = min(slots, cfg.ray.actors)
+    shards = balanced_shards(ctx.ids, cfg.ray.shard_size, slots)
+    actors = get_pool(cfg, cpus, gpus, min(slots, len(shards)) or 1)
     cfg_json = cfg.model_dump(mode="json")
     total = len(ctx.ids)
-    done_images = 0
+    done_images, computed = 0, 0
     if on_progress:
-        on_progress(done_images, total)
-    in_flight: dict = {}
-    queue = list(shards)
+        on_progress(0, total)
     nodes: set[str] = set()
-    computed = 0
-    while queue or in_flight:
-        while queue and len(in_flight) < cfg.ray.num_workers:
-            shard = queue.pop(0)
-            in_flight[remote.remote(name, cfg_json, store_url, shard, [i for i in shard if i in listed])] = shard
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            shard = in_flight.pop(ref)
-            rows = ray.get(ref)  # raises if the shard failed after its retries: the stage fails, work is kept
-            out.write_manifest(new_manifest_rows(out, rows))
-            nodes.update(r["node_id"] for r in rows)
-            computed += sum(r["status"] != KEPT for r in rows)
-            done_images += len(shard)
-            if on_progress:
-                on_progress(done_images, total)
-    summary = dict(mod.finalize(cfg, ctx) or {})
+    builds: dict[tuple, int] = {}
+    parts, gpu_ids, assigned = [], set(), set()
+    manifest_has = None
+    lost: list[str] = []
+    def replace():
+        new = get_pool(cfg, cpus, gpus, len(_POOLS.get(_pool_key(cpus, gpus), [])) + 1)[-1]
+        return new
+
+    for res in _run_shards(actors, shards, lambda a, shard: a.run.remote(name, cfg_json, store_url, shard), lost,
+                           replace=replace):
+        rows = res["rows"]
+        if any(r["status"] == KEPT for r in rows):  # kept images: rows only where the manifest lacks them
+            if manifest_has is None:  # read once per stage, not per image
+                manifest_has = set(out.manifest().column("image_id").to_pylist())
+            rows = [r for r in rows if r["status"] != KEPT or r["image_id"] not in manifest_has]
+        out.write_manifest(rows)
+        nodes.update(r["node_id"] for r in res["rows"])
+        computed += sum(r["status"] != KEPT for r in res["rows"])
+        builds[(res["node_id"], res["pid"])] = res["builds"]
+        gpu_ids.update(res["gpu_ids"])
+        assigned.add(float(res["resources"].get("GPU", 0.0)))
+        if res["partial"] is not None:
+            parts.append(res["partial"])
+        done_images += len(res["rows"])
+        if on_progress:
+            on_progress(done_images, total)
+    summary = dict(mod.finalize(cfg, ctx, parts) or {})
     summary.setdefault("images", total)
     summary["recomputed_images"] = computed
     summary["shards"] = len(shards)
+    summary["actors"] = len(actors)
+    summary["actors_lost"] = len(lost)
+    summary["worker_builds"] = sum(builds.values())
+    summary["actor_resources"] = {"CPU": cpus, "GPU": gpus}  # asked for
+    summary["assigned_gpus"] = sorted(assigned)              # what the actors got (Ray's assigned resources)
     summary["nodes"] = len(nodes)
     summary.setdefault("seconds", time.time() - t0)
     out.mark_complete(summary)

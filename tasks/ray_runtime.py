@@ -8,8 +8,10 @@ from rca_core.config import RayConfig
 
 from . import console
 
-# Set for every Ray process we start (no network here; no token auth on loopback).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+# Set for every Ray process of a run. Token auth is switched off only for a local Ray the pipeline starts
+# itself (loopback only); a cluster keeps its own auth settings (deploy/README.md).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+LOCAL_RAY_ENV = {**RAY_ENV, "RAY_AUTH_MODE": "disabled"}
 
 
 def gpus_available() -> float:
@@ -42,10 +44,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise RuntimeError(f"cannot reach the Ray cluster at {address} (ray.address): {e}") from e
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for every Ray worker of a run: RAY_ENV plus the driver's RCA_FAULT_* hooks (tests).
-    Credentials are not forwarded: nodes get them from their own environment (secrets, profiles)."""
-    return {**RAY_ENV, **{k: v for k, v in os.environ.items() if k.startswith("RCA_FAULT_")}}
+def worker_env(local: bool = True) -> dict[str, str]:
+    """Environment for every Ray worker of a run: RAY_ENV (LOCAL_RAY_ENV for a local Ray) plus the driver's
+    RCA_FAULT_* hooks (tests). Credentials are not forwarded: nodes get them from their own environment."""
+    base = LOCAL_RAY_ENV if local else RAY_ENV
+    return {**base, **{k: v for k, v in os.environ.items() if k.startswith("RCA_FAULT_")}}
 
 
 @contextlib.contextmanager
@@ -53,7 +56,7 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
     """ray.init for the block unless Ray is already initialised (then reuse it and leave it running)."""
     import ray
 
-    for k, v in RAY_ENV.items():
+    for k, v in (RAY_ENV if rc.address else LOCAL_RAY_ENV).items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         yield ray
@@ -62,7 +65,7 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
         check_reachable(rc.address)
     # With a run log (tasks.console: `rca run/stage`), the workers' stdout/stderr reach the driver as usual
     # (log_to_driver, from every node) but are written to the run log instead of the console.
-    env = {"env_vars": {**worker_env(), **console.worker_log_env()}}
+    env = {"env_vars": {**worker_env(local=not rc.address), **console.worker_log_env()}}
     try:
         if rc.address:
             ray.init(address=rc.address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
@@ -82,6 +85,9 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
         yield ray
     finally:
         try:
+            from .per_image import release_pools
+
+            release_pools()  # the run's per-image actors
             ray.shutdown()
         finally:
             console.release_ray_logs()

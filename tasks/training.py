@@ -139,6 +139,9 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .per_image import release_pools
+
+    release_pools()  # the per-image actors hold CPUs/GPUs that the worker group needs
     store = ArtifactStore(store_url, cfg.storage)
     plans = plan(cfg)
     out = store.stage(name, plans[name].fingerprint)

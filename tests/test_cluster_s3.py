@@ -130,11 +130,20 @@ def stage_out(cfg, name: str):
     return ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint)
 
 
+def s3fs_fresh(c):
+    """An s3fs client without a listing cache: the objects are written by other processes."""
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=c.s3.endpoint, key=c.s3.env["AWS_ACCESS_KEY_ID"],
+                             secret=c.s3.env["AWS_SECRET_ACCESS_KEY"], use_listings_cache=False,
+                             skip_instance_cache=True)
+
+
 def copy_stages_s3(c, src_cfg, dst_store: str, stages: list[str]) -> None:
     """Server-side copies of finished stages (same keys) from one S3 store to another: a head start."""
     from rca_core.stages import plan
 
-    fs = c.s3.filesystem()
+    fs = s3fs_fresh(c)
     src, dst = src_cfg.store.split("://", 1)[1], dst_store.split("://", 1)[1]
     fs.copy(f"{src}/zarr.json", f"{dst}/zarr.json")
     for name in stages:
@@ -172,7 +181,7 @@ def test_end_to_end_on_s3_across_two_nodes(cluster, tmp_path_factory):
         ranks = stage_out(cfg, name).read_table("workers").to_pylist()
         assert {r["node_id"] for r in ranks} == nodes, f"{name} ranks on {ranks}"
     # nothing of the run is on the driver's disk: the store is the bucket (report included)
-    fs = c.s3.filesystem()
+    fs = s3fs_fresh(c)
     assert fs.exists(f"{BUCKET}/run/_report/index.html")
     assert fs.exists(f"{BUCKET}/run/_prefect_results")
 
@@ -250,7 +259,7 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
     assert rw.is_complete()
     import pyarrow.parquet as pq
 
-    fs = c.s3.filesystem()
+    fs = s3fs_fresh(c)
     parts = fs.glob(f"{store.split('://', 1)[1]}/{rw.key}/manifest/*.parquet")
     rows = [r for part in parts for r in pq.read_table(part, filesystem=fs).to_pylist()]
     again = [r["image_id"] for r in rows if r["image_id"] in finished and r["status"] == "done"
@@ -275,7 +284,7 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
     copy_stages_s3(c, src, store, ["cam_train", "memory_build", "cam_infer", "crf_labels"])
     cfg = load(cfg_path)
     aff = stage_out(cfg, "affinity_train")
-    fs = c.s3.filesystem()
+    fs = s3fs_fresh(c)
     ray_train = f"{store.split('://', 1)[1]}/{aff.key}/files/ray_train"
     p = popen(c, ["run", "-c", str(cfg_path), "--stage", "affinity_train"], cwd=where / "cwd",
               env={"RCA_FAULT_EPOCH_DELAY": "3"})

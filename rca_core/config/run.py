@@ -21,8 +21,10 @@ class ComputeConfig(StrictModel):
 
 class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray cluster address; None = start a local Ray")
-    num_workers: int = Field(2, ge=1, description="workers for per-image stages and Ray Train")
-    shard_size: int = Field(32, ge=1, description="images per Ray task/actor call")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers of each training stage")
+    actors: int | None = Field(None, ge=1, description=(
+        "actors of each per-image stage: at most this many (None = as many as the cluster's CPUs/GPUs hold)"))
+    shard_size: int = Field(32, ge=1, description="images per actor call at most (shards are balanced)")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = auto: 1 if GPUs exist)")
     cpus_per_worker: float = Field(1.0, gt=0)
     train_placement: Literal["PACK", "SPREAD"] = Field("PACK", description=(

@@ -185,8 +185,22 @@ def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[st
         out=store.stage(name, p.fingerprint),
         inputs={i: store.stage(i, fp) for i, fp in p.inputs.items()},
         ids=list(ds.ids), dataset=ds, device=pick_device(cfg.compute.device), progress=progress,
-        extra={"split": p.split, "stage_key": p.key},
+        extra={"split": p.split, "stage_key": p.key, **eval_subset(cfg, p.split, ds.ids)},
     )
+
+
+def eval_subset(cfg: RunConfig, split: str, ids: list[str]) -> dict:
+    """Which of a stage's images are scored: those of data.eval_split (pseudo-masks are made for the whole
+    training split, e.g. VOC train_aug, and scored on VOC train, as every paper does)."""
+    eval_split = cfg.data.eval_split
+    if eval_split == split:
+        return {"eval_split": eval_split, "eval_ids": None}
+    from rca_core.data.voc import read_split
+
+    wanted = read_split(cfg.data.root, eval_split, cfg.storage)
+    if cfg.data.max_images is not None:
+        wanted = wanted[:cfg.data.max_images]
+    return {"eval_split": eval_split, "eval_ids": set(wanted) & set(ids)}
 
 
 def record_run(cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan] | None = None) -> str:
@@ -226,12 +240,11 @@ def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: di
     t0 = time.time()
     if hasattr(mod, "Worker"):
         ctx.out.prepare(getattr(mod, "FIELDS", ()))
-        maybe_done = set(ctx.out.done_ids())
         worker = mod.Worker(cfg, ctx)
-        rows = process_images(worker, ctx.ids, show_progress=show_progress, desc=name, out=ctx.out,
-                              maybe_done=maybe_done)
+        rows = process_images(worker, ctx.ids, show_progress=show_progress, desc=name, out=ctx.out)
         ctx.out.write_manifest(new_manifest_rows(ctx.out, rows))
-        summary = dict(mod.finalize(cfg, ctx) or {})
+        parts = [worker.partial()] if hasattr(worker, "partial") else []
+        summary = dict(mod.finalize(cfg, ctx, parts) or {})
         summary.setdefault("images", len(ctx.ids))
         summary.setdefault("recomputed_images", sum(r["status"] == "done" for r in rows))
     elif hasattr(mod, "train"):
@@ -264,9 +277,10 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
                    lookahead: int = 2, io_threads: int = 4) -> list[dict]:
     """Run worker.process over ids; returns manifest rows (image_id, status, seconds, written_at + stage stats).
 
-    Resume: the ids in `maybe_done` (they have arrays in `out`) are verified first, concurrently (every field
-    read back, checksum checked); a finished one is kept (status "kept", not recomputed), a damaged one is
-    computed again.
+    Resume: with `out`, the ids (or only those in `maybe_done`, when given) are verified first, concurrently
+    (every field read back, checksum checked); a finished one is kept (status "kept", not recomputed; the
+    worker's `account(image_id)` folds its stored output into the stage's statistics), a damaged or missing
+    one is computed.
     I/O overlaps compute: the inputs named by the stage's PREFETCH ("image", "mask", "<stage>/<field>") of the
     next `lookahead` images are read and decoded on background threads while the current one is computed,
     and with `out`, writes go out on a background thread (StageOutput.write_behind)."""
@@ -281,7 +295,8 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
     rows: list[dict] = []
     pool = ThreadPoolExecutor(io_threads, thread_name_prefix="rca-io")
     try:
-        check = [i for i in ids if out is not None and maybe_done and i in maybe_done]
+        has_fields = out is not None and bool(out.fields)
+        check = [i for i in ids if has_fields and (maybe_done is None or i in maybe_done)]
         kept = {i for i, ok in zip(check, pool.map(lambda i: out.is_done(i, verify=True), check)) if ok}
         todo = [i for i in ids if i not in kept]
         position = {i: k for k, i in enumerate(todo)}
@@ -304,7 +319,9 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
             for n, image_id in enumerate(it):
                 t = time.perf_counter()
                 if image_id in kept:
-                    rows.append({"image_id": image_id, "status": KEPT, "seconds": 0.0})
+                    if hasattr(worker, "account"):
+                        worker.account(image_id)
+                    rows.append({"image_id": image_id, "status": KEPT, "seconds": time.perf_counter() - t})
                 else:
                     start(position[image_id] + lookahead)
                     stats = worker.process(image_id) or {}

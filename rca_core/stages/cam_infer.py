@@ -20,6 +20,7 @@ CODE_VERSION = "1"
 INPUTS = ("cam_train", "memory_build")
 FIELDS = ["cam", "cam_low"]
 PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
@@ -46,6 +47,6 @@ class Worker:
         return {"n_classes": len(classes)}
 
 
-def finalize(cfg, ctx) -> dict:
+def finalize(cfg, ctx, parts: list | None = None) -> dict:
     return {"scales": list(cfg.cam_infer.scales), "flip": cfg.cam_infer.flip,
             "low_res_stride": cfg.cam_infer.low_res_stride}

@@ -2,8 +2,8 @@
 confident label map "crf_label" (H, W) uint8: class ids where confident, 255 where the two CRFs disagree.
 
 The rule (PSA's, see rca_core/crf.py): foreground from the low-alpha CRF (alpha 4), background where the
-high-alpha CRF (alpha 32) says background, 255 elsewhere. finalize scores the maps against the ground
-truth (both protocols) where the split has masks.
+high-alpha CRF (alpha 32) says background, 255 elsewhere. The workers score the maps of the evaluation
+split (data.eval_split) against the ground truth (both protocols); finalize merges their confusion matrices.
 """
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import numpy as np
 
 from rca_core.config import RunConfig
 from rca_core.crf import IGNORE, confident_labels
-from rca_core.metrics import PseudoMaskScore
 from rca_core.stages.context import StageContext
+from rca_core.stages.label_scoring import LabelScorer, merge_scores
 
 STAGE = "crf_labels"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer",)
 FIELDS = ["crf_label"]
 PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 def read_cams(cam_out, image_id: str) -> tuple[np.ndarray, list[int]]:
@@ -34,6 +35,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
         self.cams = ctx.inputs["cam_infer"]
+        self.scorer = LabelScorer(ctx, cfg.data.num_classes)
 
     def process(self, image_id: str) -> dict:
         cams, classes = read_cams(self.cams, image_id)
@@ -43,28 +45,19 @@ class Worker:
         out = confident_labels(image, cams, classes, self.cfg.refine.crf)
         label = out["label"]
         self.ctx.out.write(image_id, {"crf_label": label}, attrs={"classes": classes})
+        self.scorer.add(image_id, label)
         return {"fg_fraction": float(((label > 0) & (label != IGNORE)).mean()),
                 "ignore_fraction": float((label == IGNORE).mean())}
 
+    def account(self, image_id: str) -> None:
+        """Fold an image finished in an earlier run into the score."""
+        if self.scorer.wants(image_id):
+            self.scorer.add(image_id, self.ctx.out.read(image_id, "crf_label")[0])
 
-def evaluate_labels(out, field: str, dataset, ids: list[str], num_classes: int,
-                    class_names: list[str] | None = None) -> dict | None:
-    """Score a stored per-image label field against the ground truth (both protocols); None without masks."""
-    score = PseudoMaskScore(num_classes, class_names)
-    n = 0
-    for image_id in ids:
-        if not dataset.has_mask(image_id):
-            continue
-        pred, _ = out.read(image_id, field)
-        score.update(pred, dataset.mask(image_id))
-        n += 1
-    if not n:
-        return None
-    res = score.compute()
-    return {"images": n, **{k: res[k] for k in ("miou_all", "miou_confident", "kept_fraction", "precision", "recall")},
-            "iou_all": res["all"]["iou"]}
+    def partial(self) -> dict:
+        return self.scorer.take()
 
 
-def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
-    res = evaluate_labels(ctx.out, "crf_label", ctx.dataset, ctx.ids, cfg.data.num_classes, ctx.dataset.class_names)
+def finalize(cfg: RunConfig, ctx: StageContext, parts: list | None = None) -> dict:
+    res = merge_scores(parts or [], ctx.extra.get("eval_split", ctx.extra.get("split", "?")))
     return {"metrics": res} if res else {}

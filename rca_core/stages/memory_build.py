@@ -4,7 +4,8 @@ Per image (Worker.process): one forward pass of the trained network at scale 1 (
 ground-truth class the region mask_c = P_c > mean(P_c) of the plain branch and the masked average of
 the projected embedding map, L2-normalised -> field `emb` (n_tags, D) float32, attrs `classes`.
 Without a projection head (memory off) the masked average of the backbone features is stored instead.
-Driver (finalize): all region embeddings -> arrays `embeddings` (N, D), `embedding_classes` (N,)
+The workers hand their embeddings back with each shard (no per-image reads on the driver).
+Driver (finalize): all region embeddings, in the split's order -> arrays `embeddings` (N, D), `embedding_classes` (N,)
 (1-based class ids), `embedding_images` (N,) (index into the table `regions`), then per-class k-means
 -> `prototypes` (num_fg, K, D) float32 and `prototype_valid` (num_fg, K) uint8, used by cam_infer.
 """
@@ -24,6 +25,7 @@ CODE_VERSION = "1"
 INPUTS = ("cam_train",)
 FIELDS = ["emb"]
 PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
@@ -31,6 +33,7 @@ class Worker:
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
         self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].file("model.pt"), ctx.device)
+        self._part: list = []
 
     @torch.no_grad()
     def embed(self, image_id: str) -> tuple[np.ndarray, list[int]]:
@@ -49,18 +52,32 @@ class Worker:
     def process(self, image_id: str) -> dict:
         emb, classes = self.embed(image_id)
         self.ctx.out.write(image_id, {"emb": emb}, attrs={"classes": classes})
+        self._part.append((image_id, emb, classes))
         return {"regions": len(classes)}
 
+    def account(self, image_id: str) -> None:
+        """An image embedded in an earlier run: its stored embeddings join the table."""
+        e, attrs = self.ctx.out.read(image_id, "emb")
+        self._part.append((image_id, e, [int(c) for c in attrs["classes"]]))
 
-def finalize(cfg, ctx) -> dict:
+    def partial(self) -> list:
+        part, self._part = self._part, []
+        return part
+
+
+def finalize(cfg, ctx, parts: list | None = None) -> dict:
     num_fg = cfg.data.num_classes - 1
+    got = {image_id: (e, classes) for part in (parts or []) for image_id, e, classes in part}
+    missing = [i for i in ctx.ids if i not in got]
+    if missing:
+        raise RuntimeError(f"memory_build: no embeddings came back for {len(missing)} images (e.g. {missing[:3]})")
     embs, cls, img_idx, rows = [], [], [], []
     for i, image_id in enumerate(ctx.ids):
-        e, attrs = ctx.out.read(image_id, "emb")
+        e, classes = got[image_id]
         embs.append(e)
-        cls += list(attrs["classes"])
-        img_idx += [i] * len(attrs["classes"])
-        rows += [{"image_id": image_id, "class_id": int(c)} for c in attrs["classes"]]
+        cls += list(classes)
+        img_idx += [i] * len(classes)
+        rows += [{"image_id": image_id, "class_id": int(c)} for c in classes]
     dim = embs[0].shape[1] if embs else 0
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
     cls_arr = np.asarray(cls, dtype=np.int64)

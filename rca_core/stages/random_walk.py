@@ -20,19 +20,22 @@ from rca_core.models.affinity_net import image_to_tensor, load_affinity_net
 from rca_core.random_walk_ops import random_walk_mask
 from rca_core.saliency import fuse_saliency, read_saliency
 from rca_core.stages.context import StageContext
-from rca_core.stages.crf_labels import evaluate_labels, read_cams
+from rca_core.stages.crf_labels import read_cams
+from rca_core.stages.label_scoring import LabelScorer, merge_scores
 
 STAGE = "random_walk"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer", "affinity_train")
 FIELDS = ["pseudo_mask"]
 PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
         self.cams = ctx.inputs["cam_infer"]
+        self.scorer = LabelScorer(ctx, cfg.data.num_classes)
         self.saliency = cfg.refine.saliency.enabled
         if self.saliency and not cfg.data.saliency_dir:
             raise ValueError("refine.saliency.enabled needs data.saliency_dir (a folder of <id>.png saliency maps)")
@@ -63,10 +66,19 @@ class Worker:
                                     bg_alpha=rw.bg_alpha, uncertain_threshold=rw.uncertain_threshold, method=rw.method,
                                     crf=(image, self.cfg.refine.crf) if rw.crf_postprocess else None)
         self.ctx.out.write(image_id, {"pseudo_mask": mask}, attrs={"classes": classes})
+        self.scorer.add(image_id, mask)
         if self.cfg.refine.random_walk.export_png:
             export_png(self.ctx.out, image_id, mask)
         return {"fg_fraction": float(((mask > 0) & (mask != IGNORE)).mean()),
                 "ignore_fraction": float((mask == IGNORE).mean())}
+
+    def account(self, image_id: str) -> None:
+        """Fold an image finished in an earlier run into the score."""
+        if self.scorer.wants(image_id):
+            self.scorer.add(image_id, self.ctx.out.read(image_id, "pseudo_mask")[0])
+
+    def partial(self) -> dict:
+        return self.scorer.take()
 
 
 def export_png(out, image_id: str, mask: np.ndarray) -> None:
@@ -76,6 +88,6 @@ def export_png(out, image_id: str, mask: np.ndarray) -> None:
     out.write_file(f"png/{image_id}.png", palette_png_bytes(mask))
 
 
-def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
-    res = evaluate_labels(ctx.out, "pseudo_mask", ctx.dataset, ctx.ids, cfg.data.num_classes, ctx.dataset.class_names)
+def finalize(cfg: RunConfig, ctx: StageContext, parts: list | None = None) -> dict:
+    res = merge_scores(parts or [], ctx.extra.get("eval_split", ctx.extra.get("split", "?")))
     return {"metrics": res} if res else {}

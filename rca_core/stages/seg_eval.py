@@ -2,9 +2,9 @@
 
 `process(image_id)` predicts the image (optionally averaged over `segmenter.eval_scales` and horizontal
 flips, then optionally refined by a dense CRF with `segmenter.eval_crf_params`: method.md section 6)
-and stores it as "pred" (uint8, H x W). `finalize` streams every prediction and its ground truth through
-`rca_core.metrics.ConfusionMatrix` (ground-truth 255 ignored) and returns mIoU, per-class IoU,
-precision and recall, also stored as the "per_class" table.
+and stores it as "pred" (uint8, H x W). Each worker folds its predictions and their ground truth into a `rca_core.metrics.ConfusionMatrix`
+(ground-truth 255 ignored) and hands it back with its shard; `finalize` merges them (no per-image reads on
+the driver) and returns mIoU, per-class IoU, precision and recall, also stored as the "per_class" table.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ CODE_VERSION = "1"
 INPUTS = ["seg_train"]
 FIELDS = ["pred"]
 PREFETCH = ("image", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
@@ -34,6 +35,8 @@ class Worker:
             raise ValueError(f"segmenter has {meta['num_classes']} classes, data.num_classes is {cfg.data.num_classes}")
         self.predictor = Predictor(model, meta, ctx.device, seg.eval_scales, seg.eval_flip)
         self.crf = seg.eval_crf_params if seg.eval_crf else None
+        self._names = class_names(cfg, ctx)
+        self._cm, self._scored = ConfusionMatrix(cfg.data.num_classes, "all", self._names), 0
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         probs = self.predictor.probs(image[None])[0]
@@ -52,22 +55,36 @@ class Worker:
         if hasattr(ds, "has_mask") and not ds.has_mask(image_id):
             return {"pixel_accuracy": float("nan")}
         gt = ds.mask(image_id)
+        self._cm.update(pred, gt)
+        self._scored += 1
         valid = gt != 255
         acc = float((pred[valid] == gt[valid]).mean()) if valid.any() else float("nan")
         return {"pixel_accuracy": acc}
 
+    def account(self, image_id: str) -> None:
+        """A prediction stored by an earlier run: scored from the store (a split without masks: nothing)."""
+        if self.ctx.dataset.has_mask(image_id):
+            self._cm.update(self.ctx.out.read(image_id, "pred")[0], self.ctx.dataset.mask(image_id))
+            self._scored += 1
 
-def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
-    names = list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or
-                 [str(i) for i in range(cfg.data.num_classes)])
+    def partial(self) -> dict:
+        part = {"cm": self._cm, "scored": self._scored}
+        self._cm, self._scored = ConfusionMatrix(self.cfg.data.num_classes, "all", self._names), 0
+        return part
+
+
+def class_names(cfg: RunConfig, ctx: StageContext) -> list[str]:
+    return list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or
+                [str(i) for i in range(cfg.data.num_classes)])
+
+
+def finalize(cfg: RunConfig, ctx: StageContext, parts: list | None = None) -> dict:
+    names = class_names(cfg, ctx)
     cm = ConfusionMatrix(cfg.data.num_classes, "all", names)
     scored = 0
-    for image_id in ctx.ids:
-        if hasattr(ctx.dataset, "has_mask") and not ctx.dataset.has_mask(image_id):
-            continue  # e.g. a test split: predictions are stored, nothing to score
-        scored += 1
-        pred, _ = ctx.out.read(image_id, "pred")
-        cm.update(pred, ctx.dataset.mask(image_id))
+    for p in parts or []:
+        cm.merge(p["cm"])
+        scored += p["scored"]
     res = cm.compute()
     rows = [{"class": n, "iou": res["iou"][n], "precision": res["class_precision"][n],
              "recall": res["class_recall"][n]} for n in names]
@@ -76,5 +93,6 @@ def finalize(cfg: RunConfig, ctx: StageContext) -> dict:
     seg = cfg.segmenter
     return {"miou": res["miou"], "precision": res["precision"], "recall": res["recall"],
             "pixel_accuracy": res["pixel_accuracy"], "iou": res["iou"], "class_precision": res["class_precision"],
-            "class_recall": res["class_recall"], "images": len(ctx.ids), "scored_images": scored, "labels": seg.labels,
+            "class_recall": res["class_recall"], "images": len(ctx.ids), "scored_images": scored,
+            "split": ctx.extra.get("split"), "labels": seg.labels,
             "eval_scales": list(seg.eval_scales), "eval_flip": seg.eval_flip, "eval_crf": seg.eval_crf}
