@@ -85,9 +85,11 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
         yield ray
     finally:
         try:
-            from .per_image import release_pools
+            try:
+                from .per_image import release_pools
 
-            release_pools()  # the run's per-image actors
-            ray.shutdown()
+                release_pools()  # the run's per-image actors
+            finally:
+                ray.shutdown()
         finally:
             console.release_ray_logs()
