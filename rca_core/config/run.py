@@ -30,6 +30,10 @@ class RayConfig(StrictModel):
     train_placement: Literal["PACK", "SPREAD"] = Field("PACK", description=(
         "placement of Ray Train workers: PACK fills a node first (fast collectives), SPREAD one per node"))
     max_failures: int = Field(2, ge=0, description="worker-group restarts of a training stage (worker or node lost)")
+    train_cpus_per_worker: float | None = Field(None, gt=0, description=(
+        "CPUs (torch threads) per training worker (None = cpus_per_worker)"))
+    single_worker_group: bool = Field(False, description=(
+        "with num_workers 1, still start a Ray Train worker group (default: one Ray task, no group)"))
     preflight_timeout_s: float = Field(30.0, gt=0, description=(
         "before a stage fans out, each node must read a marker in the store and see the data within this time"))
 
