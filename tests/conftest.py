@@ -56,12 +56,12 @@ def prefect_server(tmp_path_factory):
 RCA = str(Path(sys.executable).with_name("rca"))
 
 
-def rca_run(config: Path, api: str, extra_env: dict | None = None):
+def rca_run(config: Path, api: str, extra_env: dict | None = None, args: list[str] | None = None):
     """`rca run` as a user starts it, in its own process group (so a test can kill -9 all of it)."""
     import subprocess
 
     env = {**os.environ, "PREFECT_API_URL": api, **(extra_env or {})}
-    return subprocess.Popen([RCA, "run", "-c", str(config)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([RCA, "run", "-c", str(config), *(args or [])], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

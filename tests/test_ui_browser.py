@@ -85,7 +85,7 @@ def test_custom_run_from_the_ui(served):
         page.wait_for_url("**/run?**", timeout=30000)
         # the typed form: nested sections with descriptions; edit the segmenter's epochs (1 -> 2)
         page.get_by_text("Store (Optional)", exact=True).wait_for(timeout=30000)
-        assert page.get_by_text("artifact store: local dir or fsspec URL").count() >= 1
+        assert page.get_by_text("artifact store: local dir or URL (s3://bucket/run, gs://...)").count() >= 1
         seg = page.get_by_text("Segmenter (Optional)", exact=True)
         seg.scroll_into_view_if_needed()
         epochs = seg.locator("xpath=following::*[normalize-space(text())='Epochs (Optional)'][1]/following::input[1]")
