@@ -22,6 +22,7 @@ def test_reference_recipe(name):
     assert (b.name, b.output_stride, b.batchnorm, b.frozen_stages) == ("resnet50", 16, "frozen_stats", 2)
     t = c.cam.train
     assert (t.batch_size, t.epochs, t.crop_size, t.lr, t.lr_mult_new, t.momentum) == (16, 5, 512, 0.1, 10.0, 1e-4)
+    assert t.lr_mult_rca == 1.0  # RCA's modules at the base lr (10x diverged)
     # AffinityNet: IRN's frozen backbone, stride-4 grid, only the head trains at lr 0.1
     a = c.refine.affinity
     assert (a.backbone.batchnorm, a.backbone.frozen_stages, a.feature_stride) == ("frozen", 4, 4)

@@ -59,7 +59,10 @@ class CamTrainConfig(StrictModel):
     resize_long: tuple[int, int] = Field((320, 640), description="random long-side resize range")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, description="base lr (new layers get lr_mult_new x)")
-    lr_mult_new: float = Field(10.0, gt=0)
+    lr_mult_new: float = Field(10.0, gt=0, description="lr multiplier of the CAM classifier (IRN: 10)")
+    lr_mult_rca: float | None = Field(None, gt=0, description=(
+        "lr multiplier of the RCA modules (projection head, aggregation, aggregated classifier); None = lr_mult_new. "
+        "voc12: 1 - at IRN's 10x (lr 1.0) the 2048x4096 fusion conv diverged within 3 steps"))
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description=(
         "SGD momentum. IRN's and PSA's PolyOptimizer pass weight_decay where torch's SGD takes momentum, so their "

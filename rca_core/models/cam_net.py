@@ -105,6 +105,13 @@ class CamNet(nn.Module):
         bb = [p for p in self.backbone.parameters() if p.requires_grad]
         return bb, [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
 
+    def head_and_rca_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The new layers split in two: (the plain CAM classifier, the RCA modules: projection head,
+        aggregation, aggregated classifier) - cam.train.lr_mult_new / lr_mult_rca."""
+        head = [p for p in self.classifier.parameters() if p.requires_grad]
+        ids = {id(p) for p in head} | {id(p) for p in self.backbone.parameters()}
+        return head, [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
+
 
 def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.device | str = "cpu") -> CamNet:
     """A trained CamNet from a state-dict file written by the cam_train stage (weights_only load)."""

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -21,6 +23,10 @@ import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 BN_MODES = ("train", "frozen", "frozen_stats")
+# torch 2.14 marks torch.distributed.nn.functional.all_reduce (public, differentiable) deprecated in favour of
+# the private torch.distributed._functional_collectives; it still works (tests/test_recipe_workers.py): keep it.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 
 class FixedStatsBatchNorm2d(nn.BatchNorm2d):
@@ -75,11 +81,6 @@ def freeze_batchnorm(module: nn.Module, mode: str = "frozen") -> nn.Module:
         return m
 
     return convert(module)
-
-
-def trainable_batchnorms(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers that compute batch statistics in training (what must be synchronised)."""
-    return [m for m in module.modules() if _is_plain_bn(m)]
 
 
 class DistBatchNorm2d(nn.BatchNorm2d):
@@ -146,4 +147,4 @@ def sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 __all__ = ["BN_MODES", "FrozenBatchNorm2d", "FixedStatsBatchNorm2d", "DistBatchNorm2d", "freeze_batchnorm",
-           "trainable_batchnorms", "sync_batchnorm"]
+           "sync_batchnorm"]

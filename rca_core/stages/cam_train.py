@@ -93,8 +93,11 @@ class CamTrainSet(Dataset):
 
 
 def build_optimizer(model: CamNet, tc) -> torch.optim.Optimizer:
-    bb, new = model.parameter_groups()
-    groups = [{"params": bb, "lr": tc.lr}, {"params": new, "lr": tc.lr * tc.lr_mult_new}]
+    bb, _ = model.parameter_groups()
+    head, rca = model.head_and_rca_parameters()
+    mult_rca = tc.lr_mult_new if tc.lr_mult_rca is None else tc.lr_mult_rca
+    groups = [{"params": bb, "lr": tc.lr}, {"params": head, "lr": tc.lr * tc.lr_mult_new},
+              {"params": rca, "lr": tc.lr * mult_rca}]
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
