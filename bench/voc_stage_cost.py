@@ -20,9 +20,10 @@ Projection (derived, not measured):
   assumed to hold for N; times = images x s/img / (N x 0.91).
 - N GPUs: an ASSUMPTION-BASED projection (no GPU here): network FLOPs at --gpu-tflops sustained
   TFLOP/s per GPU (default 40: an A100/H100-class GPU at ~20-30 % of its dense TF32/bf16 peak on
-  these convolutions), plus each stage's non-network CPU work (JPEG decoding, dense CRF, the sparse
-  random walk, store I/O) = measured wall - FLOPs / this CPU's measured FLOP rate, on --cpus-per-gpu
-  cores per GPU.
+  these convolutions); the rest of each stage's time (measured wall - FLOPs / this CPU's measured FLOP
+  rate) either on the GPU at --gpu-elementwise-speedup x one core here, or for the CPU-bound stages
+  (dense CRF, sparse random walk, threshold sweep) on --cpus-per-gpu cores per GPU.
+`--from-json OUT.json` re-projects a saved measurement with other assumptions.
 """
 from __future__ import annotations
 
@@ -185,6 +186,11 @@ def measure(args) -> dict:
     return {"rows": rows, "cfg": cfg.model_dump(mode="json")}
 
 
+# stages whose work beyond the network's FLOPs stays on the CPU on a GPU node: the dense CRF (pydensecrf),
+# the sparse random walk (scipy), the threshold sweep; elsewhere it is elementwise tensor work on the GPU
+CPU_BOUND_REST = {"crf_labels", "random_walk", "seg_eval", "cam_eval"}
+
+
 def project(rows: list[dict], fl: dict[str, float], rate: float, args) -> list[dict]:
     out = []
     for data in ("voc", "coco"):
@@ -193,14 +199,18 @@ def project(rows: list[dict], fl: dict[str, float], rate: float, args) -> list[d
             imgs = SPLITS[data][STAGE_SPLIT[name]] * (EPOCHS[data].get(name, 1))
             cpu1 = imgs * r["s_per_img"]  # seconds on one worker of this machine
             f = fl.get(name, 0.0)
-            rest = max(0.0, r["s_per_img"] - f / rate)  # non-network CPU seconds per image
+            rest = max(0.0, r["s_per_img"] - f / rate)  # seconds per image not explained by conv/matmul FLOPs
             row = {"data": data, "stage": name, "image_passes": imgs}
             for c in args.cores:
                 row[f"cpu{c}_h"] = cpu1 / (c * CPU_EFFICIENCY) / 3600
             for g in args.gpus:
-                gpu = imgs * f / (args.gpu_tflops * 1e12) / g
-                cpu_part = imgs * rest / (g * args.cpus_per_gpu * CPU_EFFICIENCY)
-                row[f"gpu{g}_h"] = max(gpu, cpu_part) / 3600
+                gpu_s = f / (args.gpu_tflops * 1e12)
+                cpu_s = 0.0
+                if name in CPU_BOUND_REST:
+                    cpu_s = rest / (args.cpus_per_gpu * CPU_EFFICIENCY)
+                else:
+                    gpu_s += rest / args.gpu_elementwise_speedup
+                row[f"gpu{g}_h"] = imgs * (gpu_s + cpu_s) / g / 3600  # no overlap of GPU and CPU work assumed
             out.append(row)
         total = {"data": data, "stage": "TOTAL", "image_passes": None}
         for k in out[-1]:
@@ -222,25 +232,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--gpus", type=int, nargs="*", default=[1, 4, 8])
     ap.add_argument("--gpu-tflops", type=float, default=40.0, help="ASSUMED sustained TFLOP/s per GPU")
     ap.add_argument("--cpus-per-gpu", type=int, default=8, help="ASSUMED CPU cores beside each GPU")
+    ap.add_argument("--gpu-elementwise-speedup", type=float, default=100.0,
+                    help="ASSUMED speed-up of the non-conv tensor work (pair affinities, upsampling) on a GPU over one "
+                         "core of this CPU (memory bandwidth ~1-3 TB/s vs ~10 GB/s)")
+    ap.add_argument("--from-json", default=None, help="re-project a saved measurement (its rows) instead of measuring")
     ap.add_argument("--work", default="bench/out/voc_stage_cost")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.time()
-    m = measure(args)
-    from rca_core.config import config_from_dict
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows, rate = saved["rows"], saved["cpu_gflops"] * 1e9
+        fl = {r["stage"]: r["gflop_per_img"] * 1e9 for r in rows}
+        t0 -= saved["seconds"]
+    else:
+        m = measure(args)
+        from rca_core.config import config_from_dict
 
-    cfg = config_from_dict(m["cfg"])
-    rate = cpu_flop_rate(args.threads)
-    fl = network_flops(cfg, Path(args.work))
-    rows = m["rows"]
-    for r in rows:
-        r["gflop_per_img"] = fl.get(r["stage"], 0.0) / 1e9
-        r["network_share"] = min(1.0, fl.get(r["stage"], 0.0) / rate / r["s_per_img"]) if r["s_per_img"] else 0.0
+        cfg = config_from_dict(m["cfg"])
+        rate = cpu_flop_rate(args.threads)
+        fl = network_flops(cfg, Path(args.work))
+        rows = m["rows"]
+        for r in rows:
+            r["gflop_per_img"] = fl.get(r["stage"], 0.0) / 1e9
+            r["network_share"] = min(1.0, fl.get(r["stage"], 0.0) / rate / r["s_per_img"]) if r["s_per_img"] else 0.0
     proj = project(rows, fl, rate, args)
     result = {"rows": rows, "projection": proj, "cpu_gflops": rate / 1e9, "seconds": time.time() - t0,
               "assumptions": {"cpu_efficiency": CPU_EFFICIENCY, "gpu_tflops": args.gpu_tflops,
-                              "cpus_per_gpu": args.cpus_per_gpu, "splits": SPLITS, "epochs": EPOCHS}}
+                              "cpus_per_gpu": args.cpus_per_gpu, "gpu_elementwise_speedup": args.gpu_elementwise_speedup,
+                              "cpu_bound_rest": sorted(CPU_BOUND_REST), "splits": SPLITS, "epochs": EPOCHS}}
     notes = (f"Measured on {args.images} train_aug + {args.val_images} val images at 500x375 / 375x500, "
              f"{args.threads} torch thread(s), in one process (no Ray), random-init weights; this CPU runs a "
              f"ResNet-50 forward at {rate / 1e9:.1f} GFLOP/s. s_per_img of a training stage = seconds per image "
@@ -249,9 +270,11 @@ def main(argv=None) -> dict:
              "\n\nProjected wall time in hours of a full run (image_passes = images x epochs). CPU columns: this "
              f"machine's per-core cost on N cores at the measured 2-worker efficiency {CPU_EFFICIENCY}. GPU columns "
              f"are an ASSUMPTION-BASED projection, not a measurement (no GPU here): network FLOPs at "
-             f"{args.gpu_tflops:g} TFLOP/s sustained per GPU, the rest (decoding, dense CRF, sparse random walk, "
-             f"I/O) on {args.cpus_per_gpu} CPU cores per GPU at this machine's per-core speed; each stage takes the "
-             "larger of the two.\n\n" + markdown_table(proj))
+             f"{args.gpu_tflops:g} TFLOP/s sustained per GPU; the rest of each stage's measured time either on the "
+             f"GPU at {args.gpu_elementwise_speedup:g}x one core of this CPU (elementwise tensor work: pair affinities, "
+             f"upsampling, losses) or, for {', '.join(sorted(CPU_BOUND_REST))}, on {args.cpus_per_gpu} CPU cores per "
+             "GPU at this machine's per-core speed (dense CRF, sparse random walk); GPU and CPU parts added (no "
+             "overlap); data loading beside the GPU not counted.\n\n" + markdown_table(proj))
     report("Per-image cost of every stage at VOC size, and full-run projections (bench/voc_stage_cost.py)", rows,
            result, args.json, notes=notes, append=not args.no_append)
     return result
