@@ -159,6 +159,7 @@ class StageOutput:
         self._pending: list = []
         self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
+        self._ndims: dict = {}       # field -> number of dimensions (object storage: one-round-trip reads)
 
     def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
         d = dict(self.__dict__)
@@ -290,17 +291,29 @@ class StageOutput:
 
     def _write_now(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None) -> None:
         for field, arr in arrays.items():
-            arr = np.ascontiguousarray(arr)
             path = f"{self.key}/{field}/{image_id}"
             try:
-                z = zarr.create_array(self.store.zstore, name=path, shape=arr.shape, dtype=arr.dtype,
-                                      chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
-                                      overwrite=True, attributes=dict(attrs or {}))
-                if arr.size:
-                    z[...] = arr
-                z.attrs.update({MARKER: checksum(arr)})  # last: marks this field of the image done
+                self._put_encoded(path, encode_array(arr, attrs))
             except Exception as e:  # disk full, permissions, a file in the way, ...
                 raise StoreError(f"writing {self.store.url}/{path} failed: {type(e).__name__}: {e}") from e
+
+    def _put_encoded(self, path: str, files: dict[str, bytes]) -> None:
+        """Write an encoded array: its chunk first, its zarr.json (which carries the checksum marker) last,
+        so a reader never sees the marker before the data. Each file is written atomically (temp + rename
+        locally, one PUT on object storage): two writes per field instead of zarr's create + delete-old +
+        data + attribute update (measured: ~10 requests, 100+ ms per field on an S3 server on loopback)."""
+        fs = self.store.loc.fs
+        base = self.store.loc.join(path)
+        meta = files.pop("zarr.json")
+        if self.store.is_local:
+            for rel, data in files.items():
+                io_.FileRef(fs, f"{base}/{rel}", f"{base}/{rel}").write_bytes(data)
+            io_.FileRef(fs, f"{base}/zarr.json", f"{base}/zarr.json").write_bytes(meta)
+            return
+        # object storage: both objects in one concurrent round trip. Should the chunk's PUT fail after the
+        # metadata's, the marker's checksum no longer matches what a reader decodes: the entry reads as
+        # damaged and is recomputed (every "is it done?" of the pipeline verifies the checksum).
+        fs.pipe({**{f"{base}/{rel}": data for rel, data in files.items()}, f"{base}/zarr.json": meta})
 
     # ---------------------------------------------------------------- readers
     def read(self, image_id: str, field: str) -> tuple[np.ndarray, dict]:
@@ -312,7 +325,7 @@ class StageOutput:
 
     def _read_checked(self, rel: str, field: str, name: str) -> tuple[np.ndarray, dict]:
         try:
-            z = zarr.open_array(self.store.zstore, path=f"{self.key}/{rel}", mode="r")
+            z = self._open_for_read(rel, field)
             attrs = dict(z.attrs)
         except Exception as e:
             raise DamagedEntryError(self.key, name, field, f"missing or unreadable metadata ({type(e).__name__})") from e
@@ -326,6 +339,34 @@ class StageOutput:
             raise DamagedEntryError(self.key, name, field, "checksum mismatch")
         attrs.pop(MARKER)
         return arr, attrs
+
+    def _open_for_read(self, rel: str, field: str):
+        """The array at rel. On object storage, once a field's number of dimensions is known, its metadata and
+        its one chunk are fetched together (one round trip instead of two) and decoded from memory."""
+        path = f"{self.key}/{rel}"
+        ndim = self._ndims.get(field) if not self.store.is_local else None
+        if ndim is None:
+            z = zarr.open_array(self.store.zstore, path=path, mode="r")
+            if not self.store.is_local:
+                self._ndims[field] = len(z.shape)
+            return z
+        from zarr.core.buffer.cpu import Buffer
+
+        base = self.store.loc.join(path)
+        chunk = "c/" + "/".join(["0"] * ndim) if ndim else "c"
+        got = self.store.loc.fs.cat([f"{base}/zarr.json", f"{base}/{chunk}"], on_error="return")
+        meta = got.get(f"{base}/zarr.json")
+        if not isinstance(meta, bytes):
+            raise FileNotFoundError(f"{base}/zarr.json")
+        files = {"zarr.json": Buffer.from_bytes(meta)}
+        data = got.get(f"{base}/{chunk}")
+        if isinstance(data, bytes):
+            files[chunk] = Buffer.from_bytes(data)
+        z = zarr.open_array(zarr.storage.MemoryStore(store_dict=files), mode="r")
+        if len(z.shape) != ndim:  # another shape than this field's usual one: read it the plain way
+            self._ndims.pop(field, None)
+            return zarr.open_array(self.store.zstore, path=path, mode="r")
+        return z
 
     def is_done(self, image_id: str, verify: bool = False) -> bool:
         fields = self.fields
@@ -465,6 +506,19 @@ class StageOutput:
 
     def __repr__(self) -> str:
         return f"StageOutput({self.uri!r})"
+
+
+def encode_array(arr: np.ndarray, attrs: dict | None = None) -> dict[str, bytes]:
+    """The files of a one-chunk Zarr v3 array (Blosc zstd + bitshuffle) holding `arr`, with `attrs` and the
+    checksum marker in its attributes, encoded in memory by zarr itself: {"zarr.json": ..., "c/0/0": ...}."""
+    arr = np.ascontiguousarray(arr)
+    files: dict = {}
+    z = zarr.create_array(zarr.storage.MemoryStore(store_dict=files), shape=arr.shape, dtype=arr.dtype,
+                          chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
+                          attributes={**dict(attrs or {}), MARKER: checksum(arr)})
+    if arr.size:
+        z[...] = arr
+    return {k: v.to_bytes() for k, v in files.items()}
 
 
 def _whole_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
