@@ -273,7 +273,8 @@ def _print_table(res: dict, cfg) -> None:
 
     rows = res["table"]
     cols = ["stage", "status", "seconds"] + [k for k in ("miou", "miou_all", "miou_confident", "kept_fraction",
-                                                         "best_threshold", "map", "val_miou")
+                                                         "best_threshold", "map", "val_miou", "miou_single_scale",
+                                                         "scored_on")
                                              if any(k in r for r in rows)]
     t = Table(title=f"run {cfg.name}: {res['seconds']:.0f} s wall time")
     for c in cols:

@@ -16,7 +16,8 @@ from tasks.ray_runtime import ray_session
 
 from .stage_flows import STAGE_FLOWS, prepare_config
 
-METRIC_KEYS = ("miou", "miou_all", "miou_confident", "kept_fraction", "best_threshold", "map", "val_miou")
+METRIC_KEYS = ("miou", "miou_all", "miou_confident", "kept_fraction", "best_threshold", "map", "val_miou",
+               "miou_single_scale")
 
 
 @task(name="prepare-data")
@@ -43,6 +44,8 @@ def stage_row(name: str, res: dict, seconds: float) -> dict:
     for k in METRIC_KEYS:
         if isinstance(s.get(k), (int, float)):
             row[k] = round(float(s[k]), 4)
+    if s.get("scored_on"):
+        row["scored_on"] = s["scored_on"]
     row["stage_seconds"] = round(float(s.get("seconds", 0.0)), 1)
     row["key"] = res.get("key", "")
     return row

@@ -27,7 +27,7 @@ def _summary(store: ArtifactStore, cfg: RunConfig, name: str) -> dict | None:
     if not out.is_complete():
         return None
     s = out.summary()
-    return {**(s.get("metrics") or {}), **s}
+    return {**s, **(s.get("metrics") or {})}  # the metrics' split and image count win over the stage's
 
 
 def _table(store, cfg, name, table):
@@ -57,10 +57,14 @@ def _quality_rows(sums: dict) -> list[dict]:
         s = sums.get(name)
         if not s:
             continue
-        rows.append({"step": label, "miou_all": s.get("miou_all", s.get("miou")),
+        rows.append({"step": label, "split": s.get("split"), "images": s.get("scored_images", s.get("images")),
+                     "miou_all": s.get("miou_all", s.get("miou")),
                      "miou_confident": s.get("miou_confident"), "kept_fraction": s.get("kept_fraction"),
                      "precision": s.get("precision"), "recall": s.get("recall"),
                      "threshold": s.get("best_threshold")})
+        if name == "seg_eval" and s.get("miou_single_scale") not in (None, s.get("miou")):
+            rows.append({"step": "segmenter (val, single scale, no flip, no CRF)", "split": s.get("split"),
+                         "images": s.get("scored_images"), "miou_all": s.get("miou_single_scale")})
     return rows
 
 
@@ -208,7 +212,8 @@ def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str 
                   "(255 dropped; <i>kept_fraction</i> = share of pixels kept). Pseudo-mask steps are scored on the "
                   f"<code>{html.escape(cfg.data.eval_split)}</code> split, the segmenter on "
                   f"<code>{html.escape(cfg.data.val_split)}</code>.</p>",
-                  _html_table(q, ["step", "miou_all", "miou_confident", "kept_fraction", "precision", "recall", "threshold"])]
+                  _html_table(q, ["step", "split", "images", "miou_all", "miou_confident", "kept_fraction", "precision",
+                                  "recall", "threshold"])]
     pc = _per_class(sums)
     if pc:
         _bar_chart(pc, out_dir / "per_class_iou.png")

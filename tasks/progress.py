@@ -208,7 +208,8 @@ def _epoch_table(rows: list[dict]) -> str:
 
 
 METRIC_NAMES = (("miou", "mIoU"), ("val_miou", "val mIoU"), ("miou_all", "mIoU"), ("miou_confident", "confident mIoU"),
-                ("kept_fraction", "kept"), ("best_threshold", "bg threshold"), ("map", "mAP"))
+                ("kept_fraction", "kept"), ("best_threshold", "bg threshold"), ("map", "mAP"),
+                ("miou_single_scale", "single-scale mIoU"))
 
 
 def summary_line(stage: str, status: str, seconds: float, metrics: dict | None = None,
@@ -225,4 +226,6 @@ def summary_line(stage: str, status: str, seconds: float, metrics: dict | None =
         if isinstance(v, (int, float)) and label not in shown:
             shown.append(label)
             parts.append(f"{label} {v:.3f}" if isinstance(v, float) else f"{label} {v}")
+    if shown and (metrics or {}).get("scored_on"):
+        parts.append(f"(on {metrics['scored_on']})")
     return "  ".join(parts)

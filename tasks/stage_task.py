@@ -57,8 +57,21 @@ _SAVED_BLOCKS: set[str] = set()
 
 def scalars(summary: dict) -> dict:
     """The scalar entries of a stage summary (nested "metrics" flattened): what a Prefect result carries."""
-    flat = {**(summary.get("metrics") or {}), **summary}
+    metrics = summary.get("metrics") or {}
+    flat = {**metrics, **summary}
+    where = scored_on(summary)
+    if where:
+        flat["scored_on"] = where
     return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def scored_on(summary: dict) -> str | None:
+    """"train, 1464 images": the split and the number of images a stage's figures were computed on."""
+    metrics = summary.get("metrics") or {}
+    split = metrics.get("split") or summary.get("split")
+    images = metrics.get("images") if metrics else summary.get("scored_images", summary.get("images"))
+    has_figure = any(isinstance((metrics or summary).get(k), float) for k in ("miou", "miou_all"))
+    return f"{split}, {images} images" if split and images is not None and has_figure else None
 
 
 @task(name="run-stage", cache_key_fn=_key_fn, persist_result=True, log_prints=True)

@@ -59,3 +59,7 @@ def test_multiscale_flip_crf_evaluation_reuses_the_trained_model(evaluated):
     assert ArtifactStore(cfg.store).stage("seg_train", p1["seg_train"].fingerprint).summary()["epochs_done"] == 4
     assert s2["eval_crf"] and s2["eval_flip"] and s2["eval_scales"] == [1.0, 0.75]
     assert 0.0 <= s2["miou"] <= 1.0 and s2["images"] == 8
+    # the plain single-scale figure is reported beside the paper's protocol, and equals the plain evaluation
+    _, _, s1 = evaluated
+    assert "miou_single_scale" not in s1
+    assert s2["miou_single_scale"] == pytest.approx(s1["miou"])

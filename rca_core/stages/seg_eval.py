@@ -35,8 +35,22 @@ class Worker:
             raise ValueError(f"segmenter has {meta['num_classes']} classes, data.num_classes is {cfg.data.num_classes}")
         self.predictor = Predictor(model, meta, ctx.device, seg.eval_scales, seg.eval_flip)
         self.crf = seg.eval_crf_params if seg.eval_crf else None
+        # the paper's protocol (multi-scale + flip + CRF) is reported with plain single-scale beside it
+        self.single = (Predictor(model, meta, ctx.device, [1.0], False)
+                       if (list(seg.eval_scales) != [1.0] or seg.eval_flip or seg.eval_crf) else None)
         self._names = class_names(cfg, ctx)
-        self._cm, self._scored = ConfusionMatrix(cfg.data.num_classes, "all", self._names), 0
+        self._reset()
+
+    def _reset(self) -> None:
+        n = self.cfg.data.num_classes
+        self._cm, self._scored = ConfusionMatrix(n, "all", self._names), 0
+        self._cm1 = ConfusionMatrix(n, "all", self._names) if self.single is not None else None
+
+    def _score(self, image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> None:
+        self._cm.update(pred, gt)
+        self._scored += 1
+        if self.single is not None:
+            self._cm1.update(self.single.probs(image[None])[0].argmax(0).to(torch.uint8).cpu().numpy(), gt)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         probs = self.predictor.probs(image[None])[0]
@@ -55,8 +69,7 @@ class Worker:
         if hasattr(ds, "has_mask") and not ds.has_mask(image_id):
             return {"pixel_accuracy": float("nan")}
         gt = ds.mask(image_id)
-        self._cm.update(pred, gt)
-        self._scored += 1
+        self._score(np.asarray(image, dtype=np.uint8), pred, gt)
         valid = gt != 255
         acc = float((pred[valid] == gt[valid]).mean()) if valid.any() else float("nan")
         return {"pixel_accuracy": acc}
@@ -64,12 +77,12 @@ class Worker:
     def account(self, image_id: str) -> None:
         """A prediction stored by an earlier run: scored from the store (a split without masks: nothing)."""
         if self.ctx.dataset.has_mask(image_id):
-            self._cm.update(self.ctx.out.read(image_id, "pred")[0], self.ctx.dataset.mask(image_id))
-            self._scored += 1
+            image = np.asarray(self.ctx.dataset.image(image_id), dtype=np.uint8) if self.single is not None else None
+            self._score(image, self.ctx.out.read(image_id, "pred")[0], self.ctx.dataset.mask(image_id))
 
     def partial(self) -> dict:
-        part = {"cm": self._cm, "scored": self._scored}
-        self._cm, self._scored = ConfusionMatrix(self.cfg.data.num_classes, "all", self._names), 0
+        part = {"cm": self._cm, "scored": self._scored, "cm_single": self._cm1}
+        self._reset()
         return part
 
 
@@ -81,10 +94,14 @@ def class_names(cfg: RunConfig, ctx: StageContext) -> list[str]:
 def finalize(cfg: RunConfig, ctx: StageContext, parts: list | None = None) -> dict:
     names = class_names(cfg, ctx)
     cm = ConfusionMatrix(cfg.data.num_classes, "all", names)
-    scored = 0
+    cm1 = ConfusionMatrix(cfg.data.num_classes, "all", names)
+    scored, single = 0, False
     for p in parts or []:
         cm.merge(p["cm"])
         scored += p["scored"]
+        if p.get("cm_single") is not None:
+            cm1.merge(p["cm_single"])
+            single = True
     res = cm.compute()
     rows = [{"class": n, "iou": res["iou"][n], "precision": res["class_precision"][n],
              "recall": res["class_recall"][n]} for n in names]
@@ -95,4 +112,5 @@ def finalize(cfg: RunConfig, ctx: StageContext, parts: list | None = None) -> di
             "pixel_accuracy": res["pixel_accuracy"], "iou": res["iou"], "class_precision": res["class_precision"],
             "class_recall": res["class_recall"], "images": len(ctx.ids), "scored_images": scored,
             "split": ctx.extra.get("split"), "labels": seg.labels,
-            "eval_scales": list(seg.eval_scales), "eval_flip": seg.eval_flip, "eval_crf": seg.eval_crf}
+            "eval_scales": list(seg.eval_scales), "eval_flip": seg.eval_flip, "eval_crf": seg.eval_crf,
+            **({"miou_single_scale": cm1.compute()["miou"]} if single else {})}
