@@ -515,7 +515,8 @@ def encode_array(arr: np.ndarray, attrs: dict | None = None) -> dict[str, bytes]
     files: dict = {}
     z = zarr.create_array(zarr.storage.MemoryStore(store_dict=files), shape=arr.shape, dtype=arr.dtype,
                           chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
-                          attributes={**dict(attrs or {}), MARKER: checksum(arr)})
+                          attributes={**dict(attrs or {}), MARKER: checksum(arr)},
+                          config={"write_empty_chunks": True})  # an all-fill chunk too: it replaces an older one
     if arr.size:
         z[...] = arr
     return {k: v.to_bytes() for k, v in files.items()}
