@@ -29,7 +29,7 @@ def default_unit(stage: str) -> str:
         kind = stage_kind(stage)
     except Exception:  # noqa: BLE001 - an unknown name: generic unit
         return "items"
-    return {"per_image": "images", "training": "epochs"}.get(kind, "images")
+    return {"per_image": "images", "training": "steps"}.get(kind, "images")
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -103,6 +103,20 @@ def train_cpus(cfg: RunConfig) -> float:
     return float(cfg.ray.train_cpus_per_worker or cfg.ray.cpus_per_worker)
 
 
+def _progress_sender(actor, rank: int) -> Callable[[int, int], None]:
+    """ctx.progress for a training rank: rank 0 sends (step, total) to the progress actor at most twice a
+    second, and always the last step; other ranks send nothing."""
+    last = [float("-inf")]
+
+    def send(done: int, total: int) -> None:
+        now = time.monotonic()
+        if rank == 0 and (now - last[0] >= 0.5 or done >= total):
+            last[0] = now
+            actor.update.remote(done, total)
+
+    return send
+
+
 def _train_loop(config: dict) -> None:
     import ray
     import ray.train
@@ -115,11 +129,7 @@ def _train_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     _register(store, name, cfg, rank)
 
-    def progress(done: int, total: int) -> None:
-        if rank == 0:
-            actor.update.remote(done, total)
-
-    ctx = make_context(name, cfg, store, progress=progress, generate=False)
+    ctx = make_context(name, cfg, store, progress=_progress_sender(actor, rank), generate=False)
     ctx.checkpoint = RayTrainCheckpointer(ctx.out.file(CKPT_NAME))
     if ray.train.torch.get_device().type == "cuda":
         ctx.device = ray.train.torch.get_device()
@@ -147,8 +157,7 @@ def _train_task(cfg_json: dict, name: str, store_url: str, actor) -> dict:
     torch.set_num_threads(cfg.compute.threads or max(1, int(train_cpus(cfg))))
     store = ArtifactStore(store_url, cfg.storage, create=False)
     _register(store, name, cfg, 0)
-    ctx = make_context(name, cfg, store, progress=lambda done, total: actor.update.remote(done, total),
-                       generate=False)
+    ctx = make_context(name, cfg, store, progress=_progress_sender(actor, 0), generate=False)
     if ray.get_gpu_ids() and torch.cuda.is_available():
         ctx.device = torch.device("cuda")
     summary = stage_module(name).train(cfg, ctx) or {}

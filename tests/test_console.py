@@ -95,7 +95,7 @@ def test_pipe_gets_plain_lines_at_most_every_interval_and_none_at_the_end():
     c = con.Console(stream=io.StringIO(), interval=30, clock=clock, ticker=False)
     assert not c.is_tty()
     p = StageProgress("cam_train", console=c, artifact=False)
-    assert p.unit == "epochs"
+    assert p.unit == "steps"
     p(1, 10)
     clock.t += 10
     p(2, 10)
@@ -106,10 +106,10 @@ def test_pipe_gets_plain_lines_at_most_every_interval_and_none_at_the_end():
     p(4, 10)
     out = c.stream.getvalue()
     assert "\r" not in out and "\x1b" not in out
-    assert out.splitlines() == [out.splitlines()[0]] and "3/10 epochs" in out
+    assert out.splitlines() == [out.splitlines()[0]] and "3/10 steps" in out
     clock.t += 100
     c.tick()  # the ticker: the progress since the last line (4/10) is printed without a new update
-    assert len(c.stream.getvalue().splitlines()) == 2 and "4/10 epochs" in c.stream.getvalue().splitlines()[1]
+    assert len(c.stream.getvalue().splitlines()) == 2 and "4/10 steps" in c.stream.getvalue().splitlines()[1]
     clock.t += 100
     c.tick()
     assert len(c.stream.getvalue().splitlines()) == 2, "no progress: a line only every 5 intervals"
@@ -137,7 +137,7 @@ def test_rate_leaves_out_start_up_and_resumed_units():
     p(8, 10)
     assert p.rate() == pytest.approx(0.1)
     assert p.eta() == pytest.approx(20.0)
-    assert "10.0 s/epoch" in p.render(clock.t, 200) and "ETA 0:20" in p.render(clock.t, 200)
+    assert "10.0 s/step" in p.render(clock.t, 200) and "ETA 0:20" in p.render(clock.t, 200)
     p.set_unit("steps")
     assert "8/10 steps" in p.render(clock.t, 200)
 

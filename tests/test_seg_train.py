@@ -49,9 +49,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     cfg_b = tiny_cfg(tmp_path / "b")
     store = ArtifactStore(cfg_b.store)
 
-    def crash_after_first_epoch(done, total):
-        if done == 1:
-            raise KeyboardInterrupt("simulated kill after epoch 1")
+    def crash_after_first_epoch(done, total):  # progress comes per step: 3 steps per epoch
+        if done == 4:
+            raise KeyboardInterrupt("simulated kill in epoch 2, after epoch 1's checkpoint")
 
     ctx = make_context("seg_train", cfg_b, store, progress=crash_after_first_epoch)
     ctx.out.prepare(())

@@ -140,6 +140,8 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             opt.step()
             step += 1
             n += 1
+            if ctx.progress is not None:
+                ctx.progress(step, max_steps)
             for k in sums:
                 sums[k] += float(losses[k].detach())
             if acfg.max_seconds:  # every rank stops at the same step (DDP)

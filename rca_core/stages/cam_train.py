@@ -199,6 +199,8 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
             targets.append(y.cpu())
             step += 1
             n_steps += 1
+            if ctx.progress is not None:
+                ctx.progress(step, total_steps)
             if tc.max_seconds:  # every rank stops at the same step (DDP)
                 over = float(elapsed0 + time.time() - t_start > tc.max_seconds)
                 if tu.all_reduce_mean(over, device) > 0:
@@ -216,7 +218,8 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
         row = {k: (tu.all_reduce_mean(v, device) if isinstance(v, float) and k.startswith(("loss", "map")) else v)
                for k, v in row.items()}
         history.append(row)
-        log.info("cam_train epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if v is not None})
+        if tu.is_main():
+            log.info("cam_train epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if v is not None})
         finished = stopped_by_time or step >= total_steps
         tu.save_checkpoint(ckpt, model, opt, epoch + 1, step,
                            extra={"history": history, "elapsed": elapsed0 + time.time() - t_start,

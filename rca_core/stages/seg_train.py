@@ -200,6 +200,8 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             optimizer.step()
             step += 1
             steps_here += 1
+            if ctx.progress is not None:
+                ctx.progress(step, max_steps)
             loss_sum += float(loss.detach())
             loss_n += 1
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
@@ -219,8 +221,6 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
             break
         tu.save_checkpoint(ckpt, ddp, optimizer, epoch + 1, step,
                            extra={"meta": meta, "history": history, "max_steps": max_steps})
-        if ctx.progress is not None:
-            ctx.progress(epoch + 1, n_epochs)
     train_seconds = time.time() - t_train
 
     model_path = ctx.out.file(MODEL_FILE)
