@@ -3,12 +3,11 @@
 `multiscale_cam` follows IRN / method.md section 5: for each scale the image (and its horizontal
 flip) goes through the network, the ReLU CAMs of the image's ground-truth classes are upsampled
 (bilinear) to the output size, the flipped one is flipped back, and everything is summed; each
-class is then divided by its maximum (so values lie in [0, 1]). Two outputs: one at image
-resolution, one at 1/low_res_stride (ceil) for the random walk.
+class is then divided by its maximum (so values lie in [0, 1]), at image resolution (the random walk
+downsamples it to its feature grid itself). `encode_cam`/`decode_cam`: the stored form (float16 or uint8).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -35,23 +34,18 @@ def tags_to_indices(tags: list[int], num_classes: int) -> list[int]:
 
 @torch.no_grad()
 def multiscale_cam(model, img: np.ndarray, channels: list[int], scales: list[float], flip: bool = True,
-                   low_res_stride: int | None = 4, device: torch.device | str = "cpu",
-                   cam_fn=None) -> tuple[np.ndarray, np.ndarray]:
-    """CAMs of `channels` for one image -> (cam (n, H, W), cam_low (n, ceil(H/s), ceil(W/s))) float32 in [0, 1].
+                   device: torch.device | str = "cpu", cam_fn=None) -> np.ndarray:
+    """CAMs of `channels` for one image -> (n, H, W) float32 in [0, 1], each class max-normalised.
 
-    `cam_fn(batch) -> (B, n_fg, h, w)` ReLU CAMs; default `model.cam_maps`. With low_res_stride None the
-    low-res copy is at the network's output stride.
+    `cam_fn(batch) -> (B, n_fg, h, w)` ReLU CAMs; default `model.cam_maps`.
     """
     h, w = img.shape[:2]
     n = len(channels)
     cam_fn = cam_fn or model.cam_maps
     x = torch.from_numpy(normalize_image(img)).unsqueeze(0).to(device)
-    stride = low_res_stride or getattr(getattr(model, "backbone", None), "output_stride", 8)
-    lh, lw = math.ceil(h / stride), math.ceil(w / stride)
     acc = torch.zeros(n, h, w, device=device)
-    acc_low = torch.zeros(n, lh, lw, device=device)
     if n == 0:
-        return acc.cpu().numpy(), acc_low.cpu().numpy()
+        return acc.cpu().numpy()
     idx = torch.tensor(channels, device=device)
     for s in scales:
         size = (max(1, round(h * s)), max(1, round(w * s)))
@@ -61,10 +55,24 @@ def multiscale_cam(model, img: np.ndarray, channels: list[int], scales: list[flo
         if flip:
             cams = cams[:1] + cams[1:].flip(-1)
         acc += F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)[0]
-        acc_low += F.interpolate(cams, size=(lh, lw), mode="bilinear", align_corners=False)[0]
     acc = acc / (acc.flatten(1).max(1).values.view(n, 1, 1) + 1e-5)
-    acc_low = acc_low / (acc_low.flatten(1).max(1).values.view(n, 1, 1) + 1e-5)
-    return acc.cpu().numpy(), acc_low.cpu().numpy()
+    return acc.cpu().numpy()
+
+
+def encode_cam(cam: np.ndarray, dtype: str = "float16") -> np.ndarray:
+    """A [0, 1] CAM as stored: float16, or uint8 = round(255 * cam)."""
+    if dtype == "uint8":
+        return np.rint(np.clip(cam, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if dtype == "float16":
+        return cam.astype(np.float16)
+    raise ValueError(f"cam_infer.dtype must be float16 or uint8, got {dtype!r}")
+
+
+def decode_cam(stored: np.ndarray) -> np.ndarray:
+    """A stored CAM (float16 or uint8) as float32 in [0, 1]."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) * np.float32(1.0 / 255.0)
+    return stored.astype(np.float32)
 
 
 def cam_to_label(cam: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:

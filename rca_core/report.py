@@ -123,7 +123,9 @@ def _curves(histories: dict[str, list[dict]], cam_curve: list[dict], path: Path)
 
 def _cam_rgb(cam: np.ndarray, shape) -> np.ndarray:
     import matplotlib
-    m = cam.astype(np.float32).max(0) if cam.size else np.zeros(shape, np.float32)
+    from rca_core.cam_ops import decode_cam
+
+    m = decode_cam(cam).max(0) if cam.size else np.zeros(shape, np.float32)
     return (matplotlib.colormaps["jet"](np.clip(m, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 

@@ -73,7 +73,7 @@ def same_cams(cfg, base, ids) -> None:
     """The cam_infer entries of `ids` are readable (checksum verified) and equal to the reference run."""
     new, ref = stage_out(cfg, "cam_infer"), stage_out(base["cfg"], "cam_infer")
     for image_id in ids:
-        for field in ("cam", "cam_low"):
+        for field in ("cam",):
             a, aa = new.read(image_id, field)
             b, ba = ref.read(image_id, field)
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes() and aa == ba, f"{field}/{image_id}"
@@ -154,7 +154,7 @@ def test_store_write_error_mid_stage_then_rerun(base, tmp_path):
     cfg = clone(base, tmp_path, ["cam_train", "memory_build"])
     ids = train_ids(cfg)
     victim = ids[PROBE]
-    out = stage_out(cfg, "cam_infer").prepare(["cam", "cam_low"])
+    out = stage_out(cfg, "cam_infer").prepare(["cam"])
     blocker = Path(cfg.store) / out.key / "cam" / victim
     blocker.write_bytes(b"in the way")
     before = stage_bytes(cfg, ["cam_train", "memory_build"])

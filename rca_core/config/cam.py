@@ -99,7 +99,9 @@ class CamConfig(StrictModel):
 class CamInferConfig(StrictModel):
     scales: list[float] = Field([1.0, 0.5, 1.5, 2.0], min_length=1)
     flip: bool = True
-    low_res_stride: int | None = Field(4, description="also store a CAM at 1/stride for the random walk")
+    dtype: Literal["float16", "uint8"] = Field(
+        "float16", description="how CAMs are stored: float16, or uint8 (round(255 * cam), half the bytes; "
+                               "docs/benchmarks.md has its measured effect on every stage)")
 
 
 class CamEvalConfig(StrictModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rca_core.cam_ops import decode_cam
 from rca_core.metrics import ConfusionMatrix
 from rca_core.train_utils import progress
 
@@ -80,6 +81,7 @@ def evaluate(cams_out, dataset, ids: list[str], num_classes: int, thresholds: li
                          f"{cams_out.key} (e.g. {missing[:3]}); data.eval_split must be a subset of the CAM split")
     for image_id in progress(ids, desc="cam_eval", disable=None if show_progress else True):
         cam, attrs = cams_out.read(image_id, "cam")
+        cam = decode_cam(cam)
         gt = dataset.mask(image_id)
         _check(cam, gt, image_id)
         sweep.update(cam, attrs["classes"], gt)
@@ -102,6 +104,7 @@ class Worker:
 
         try:
             cam, attrs = self.cams.read(image_id, "cam")
+            cam = decode_cam(cam)
         except DamagedEntryError as e:
             raise ValueError(f"cam_eval: image {image_id} of the evaluation split has no readable CAM in "
                              f"{self.cams.key} ({e}); data.eval_split must be a subset of the CAM split") from e

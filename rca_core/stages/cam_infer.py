@@ -2,23 +2,24 @@
 
 The CAM comes from the aggregated branch when aggregation is on, with the dataset-level prototypes of
 memory_build (method.md 4); from the plain branch otherwise. Per image: field `cam` (n_tags, H, W)
-float16 at image resolution and `cam_low` (n_tags, ceil(H/s), ceil(W/s)) float16 with
-s = cam_infer.low_res_stride (the network's output stride when that is null), both max-normalised
-per class, attrs `classes` (1-based ids, ascending). An image without tags gets (0, H, W) arrays.
+at image resolution, max-normalised per class, stored as cam_infer.dtype (float16, or uint8 =
+round(255 * cam); readers decode with rca_core.cam_ops.decode_cam), attrs `classes` (1-based ids,
+ascending). An image without tags gets a (0, H, W) array. (The low-resolution copy earlier versions
+stored for the random walk was read by nothing: the walk downsamples `cam` to its own feature grid.)
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from rca_core.cam_ops import multiscale_cam, tags_to_indices
+from rca_core.cam_ops import encode_cam, multiscale_cam, tags_to_indices
 from rca_core.models.cam_net import load_cam_net
 from rca_core.stages.memory_build import load_prototypes
 
 STAGE = "cam_infer"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 INPUTS = ("cam_train", "memory_build")
-FIELDS = ["cam", "cam_low"]
+FIELDS = ["cam"]
 PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
@@ -32,21 +33,19 @@ class Worker:
             protos, valid = load_prototypes(ctx.inputs["memory_build"])
             self.model.set_prototypes(protos.to(ctx.device), valid.to(ctx.device))
 
-    def cams(self, image_id: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def cams(self, image_id: str) -> tuple[np.ndarray, list[int]]:
         ds = self.ctx.dataset
         classes = sorted(set(int(t) for t in ds.tags(image_id)))
         ic = self.cfg.cam_infer
-        cam, low = multiscale_cam(self.model, ds.image(image_id), tags_to_indices(classes, self.num_classes),
-                                  ic.scales, ic.flip, ic.low_res_stride, self.ctx.device)
-        return cam, low, classes
+        cam = multiscale_cam(self.model, ds.image(image_id), tags_to_indices(classes, self.num_classes),
+                             ic.scales, ic.flip, self.ctx.device)
+        return cam, classes
 
     def process(self, image_id: str) -> dict:
-        cam, low, classes = self.cams(image_id)
-        self.ctx.out.write(image_id, {"cam": cam.astype(np.float16), "cam_low": low.astype(np.float16)},
-                           attrs={"classes": classes})
+        cam, classes = self.cams(image_id)
+        self.ctx.out.write(image_id, {"cam": encode_cam(cam, self.cfg.cam_infer.dtype)}, attrs={"classes": classes})
         return {"n_classes": len(classes)}
 
 
 def finalize(cfg, ctx, parts: list | None = None) -> dict:
-    return {"scales": list(cfg.cam_infer.scales), "flip": cfg.cam_infer.flip,
-            "low_res_stride": cfg.cam_infer.low_res_stride}
+    return {"scales": list(cfg.cam_infer.scales), "flip": cfg.cam_infer.flip, "dtype": cfg.cam_infer.dtype}

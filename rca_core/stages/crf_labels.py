@@ -24,11 +24,14 @@ USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one
 
 def read_cams(cam_out, image_id: str) -> tuple[np.ndarray, list[int]]:
     """(K, H, W) float32 CAMs of an image's tag classes and their class ids, from cam_infer's "cam" field."""
+    from rca_core.cam_ops import decode_cam
+
     cam, attrs = cam_out.read(image_id, "cam")
+    cam = decode_cam(cam)
     classes = [int(c) for c in attrs.get("classes", [])]
     if cam.ndim != 3 or cam.shape[0] != len(classes):
         raise ValueError(f"{cam_out.key}/cam/{image_id}: shape {cam.shape} does not match classes {classes}")
-    return cam.astype(np.float32), classes
+    return cam, classes
 
 
 class Worker:
