@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -151,12 +152,28 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     import os
 
     cfg = _load(config, set_)
-    with _console(cfg, verbose, f"run {cfg.name}"):
+    with _console(cfg, verbose, f"run {cfg.name}") as log_path:
         with _prefect(prefect_home, need_server=bool(os.environ.get("PREFECT_API_URL"))):
             res = _run_pipeline(cfg, stages)
         _print_table(res, cfg)
         if res.get("report"):
             _say(f"report: {res['report']}")
+        _say(f"run summary: {_write_run_summary(res, cfg, config, set_, Path(log_path))}")
+
+
+def _write_run_summary(res: dict, cfg, config: str, set_: Optional[List[str]], log_path: Path) -> Path:
+    """The run's table as JSON beside its log (<log>.summary.json): what scripts/readme_figures.py reads."""
+    import platform
+    import time as time_
+
+    path = log_path.with_suffix(".summary.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"name": cfg.name, "config": config, "set": list(set_ or []), "store": cfg.store,
+           "seconds": round(float(res["seconds"]), 1), "stages": res["table"],
+           "finished": time_.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+           "cpus": os.cpu_count()}
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    return path
 
 
 def _say(msg: str) -> None:
