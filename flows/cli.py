@@ -156,9 +156,10 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         with _prefect(prefect_home, need_server=bool(os.environ.get("PREFECT_API_URL"))):
             res = _run_pipeline(cfg, stages)
         _print_table(res, cfg)
-        if res.get("report"):
-            _say(f"report: {res['report']}")
-        _say(f"run summary: {_write_run_summary(res, cfg, config, set_, Path(log_path))}")
+        summary_path = _write_run_summary(res, cfg, config, set_, Path(log_path))
+        # one line for both (the console of a run stays within 40 lines)
+        _say(f"report: {res['report']}  run summary: {summary_path}" if res.get("report")
+             else f"run summary: {summary_path}")
 
 
 def _write_run_summary(res: dict, cfg, config: str, set_: Optional[List[str]], log_path: Path) -> Path:

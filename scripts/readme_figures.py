@@ -1,6 +1,6 @@
 """Regenerate README.md's "Where it stands" figures from run summaries (never typed by hand).
 
-`rca run` writes `<run log>.summary.json` beside its log (path printed last as "run summary: ...").
+`rca run` writes `<run log>.summary.json` beside its log (path printed near the end as "run summary: ...").
 Give one summary, or two runs of the same config to show the figures are reproducible:
 
     .venv/bin/python scripts/readme_figures.py runs/demo/logs/A.summary.json [runs/demo/logs/B.summary.json]

@@ -289,8 +289,10 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
     p = popen(c, ["run", "-c", str(cfg_path), "--stage", "affinity_train"], cwd=where / "cwd",
               env={"RCA_FAULT_EPOCH_DELAY": "3"})
     try:
-        _wait(lambda: fs.glob(f"{ray_train}/*/checkpoint_*/checkpoint.pt") if fs.exists(ray_train) else None,
-              300, "the first AffinityNet checkpoint", p)
+        # a checkpoint counts once Ray Train's controller has registered it (its manager snapshot is written
+        # then); the checkpoint's own file appears earlier, and a node lost in between restarts from scratch
+        _wait(lambda: fs.glob(f"{ray_train}/*/checkpoint_manager_snapshot.json") if fs.exists(ray_train) else None,
+              300, "the first registered AffinityNet checkpoint", p)
         c.ray.kill_node2_raylet()
         stdout, _ = p.communicate(timeout=600)
     finally:
