@@ -2,7 +2,7 @@
 
 Goal (issue 7): at least 1.8x on this 2-core machine. Both settings run in one process and one Ray
 instance (ratios measured in one run), through tasks.per_image.run_per_image_stage with
-cfg.ray.num_workers = 1 and then 2, on the same finished upstream stages, each in its own copy of the
+cfg.ray.actors (and num_workers) = 1 and then 2, on the same finished upstream stages, each in its own copy of the
 bench store (so no worker reuses a model built for the other run). Ray start-up (ray.init and warming
 one worker process per CPU) is excluded from the stage times and reported. Stage time includes
 building the Worker (model load) in each worker process and the stage's finalize step (driver only).
@@ -47,6 +47,7 @@ def main():
     for w in (w_lo, w_hi):
         c = cfg.model_copy(deep=True)
         c.ray.num_workers = w
+        c.ray.actors = w  # per-image stages run on an actor pool sized by ray.actors (num_workers is training's)
         c.store = fresh_copy(cfg.store, base / f"scaling-w{w}")
         cfgs[w] = c
     ray_info = start_ray(cfg, num_cpus=max(w_lo, w_hi))

@@ -2,7 +2,7 @@
 
 Each stage is measured on the same finished upstream stages, twice: the plain local loop
 (rca_core.stages.run_stage, one process, no Ray) and one Ray worker (tasks.per_image.run_per_image_stage
-with cfg.ray.num_workers = 1). Ray start-up (ray.init + warming the worker processes) is excluded from
+with cfg.ray.actors = 1). Ray start-up (ray.init + warming the worker processes) is excluded from
 the per-stage time and reported on its own. A stage's time includes building its Worker (model load)
 and its finalize step, as in a real run; "compute img/s" is from the manifest's per-image seconds only.
 
@@ -72,6 +72,7 @@ def bench_config(config: str, images: int | None = None, train_epochs: float | N
         cfg.store = str(store)
     if workers:
         cfg.ray.num_workers = int(workers)
+        cfg.ray.actors = int(workers)  # the per-image stages' actor pool
     return cfg
 
 
@@ -150,7 +151,7 @@ def stage_rows(cfg, name: str) -> list[dict]:
 
 def measure_stage(cfg, name: str, mode: str) -> dict:
     """Run one per-image stage from scratch on its finished inputs; mode 'plain' (run_stage) or 'ray'
-    (run_per_image_stage with cfg.ray.num_workers workers, Ray already started)."""
+    (run_per_image_stage with cfg.ray.actors actors, Ray already started)."""
     from rca_core.stages import run_stage
 
     drop_stage(cfg, name)
@@ -164,7 +165,7 @@ def measure_stage(cfg, name: str, mode: str) -> dict:
     rows = stage_rows(cfg, name)
     n = int(summary.get("images", len(rows)))
     compute = sum(float(r.get("seconds", 0.0)) for r in rows)
-    workers = 1 if mode == "plain" else cfg.ray.num_workers
+    workers = 1 if mode == "plain" else (cfg.ray.actors or cfg.ray.num_workers)
     return {"stage": name, "mode": "plain loop" if mode == "plain" else f"ray x{workers}", "workers": workers,
             "images": n, "seconds": t.seconds, "images_per_s": n / t.seconds,
             "images_per_s_per_worker": n / t.seconds / workers,

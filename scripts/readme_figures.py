@@ -24,7 +24,7 @@ FIGURES = [
     ("crf_labels", "miou_confident", "CRF labels mIoU on confident pixels"),
     ("crf_labels", "kept_fraction", "CRF labels: fraction of pixels kept"),
     ("random_walk", "miou_all", "random-walk pseudo-masks mIoU (all pixels)"),
-    ("seg_eval", "val_miou", "segmenter mIoU (the config's seg_eval protocol)"),
+    ("seg_eval", "miou", "segmenter mIoU (the config's seg_eval protocol)"),
     ("seg_eval", "miou_single_scale", "segmenter mIoU, single scale"),
 ]
 
