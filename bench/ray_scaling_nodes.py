@@ -76,15 +76,15 @@ def main() -> None:
         storage.upload_tree(local.store, f"s3://{BUCKET}/store")
         storage.upload_tree(local.data.root, f"s3://{BUCKET}/data")
         upload_s = time.perf_counter() - t
+        t = time.perf_counter()
+        cluster.start()
+        cluster_s = time.perf_counter() - t
         cfgs = {}
         for n in (1, 2):
             c = local.model_copy(deep=True)
             c.store, c.data.root = f"s3://{BUCKET}/store", f"s3://{BUCKET}/data"
-            c.ray.address, c.ray.actors, c.ray.num_workers = cluster.address, n, n
+            c.ray.address, c.ray.actors, c.ray.num_workers = cluster.address, n, n  # the address once started
             cfgs[n] = c
-        t = time.perf_counter()
-        cluster.start()
-        cluster_s = time.perf_counter() - t
         import ray
 
         from tasks.per_image import release_pools, run_per_image_stage

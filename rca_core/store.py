@@ -42,7 +42,8 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from rca_core import storage as io_
 
 MARKER = "rca_crc32"
-WRITE_BEHIND_DEPTH = 2  # images queued for writing at most, behind the one being computed
+WRITE_BEHIND_THREADS = 4  # images written at once behind the one being computed (object storage: ~50 ms each)
+WRITE_BEHIND_DEPTH = 2 * WRITE_BEHIND_THREADS  # images queued for writing at most
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),)
 
@@ -155,7 +156,7 @@ class StageOutput:
     def __init__(self, store: ArtifactStore, key: str):
         self.store, self.key = store, key
         self._group = None
-        self._writer = None         # write-behind: one background thread, writes in order (see write_behind)
+        self._writer = None         # write-behind: background writer threads (see write_behind)
         self._pending: list = []
         self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
@@ -223,8 +224,8 @@ class StageOutput:
     # ---------------------------------------------------------------- worker side
     def write(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
         """Write all fields of one image; the image counts as done only after the last marker.
-        Inside `write_behind()` the write happens on a background thread (in order); errors surface at
-        the next write or at flush()."""
+        Inside `write_behind()` the write happens on a background thread; errors surface at a later
+        write or at flush()."""
         check_image_id(image_id)
         if self._writer is not None:
             while self._pending and (self._pending[0].done() or len(self._pending) >= WRITE_BEHIND_DEPTH):
@@ -244,8 +245,9 @@ class StageOutput:
             raise
 
     def write_behind(self):
-        """Context: per-image writes go to one background thread, so that the next image is computed while
-        this one is written (object storage: tens of ms per request). Leaving it waits for every write."""
+        """Context: per-image writes go to WRITE_BEHIND_THREADS background threads, so that the next images are
+        computed while earlier ones are written (object storage: tens of ms per request; each image's own
+        chunk-then-marker order is kept inside its write). Leaving it waits for every write."""
         import contextlib
         from concurrent.futures import ThreadPoolExecutor
 
@@ -254,7 +256,7 @@ class StageOutput:
             if self._writer is not None:  # nested: the outer one flushes
                 yield self
                 return
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rca-write")
+            self._writer = ThreadPoolExecutor(WRITE_BEHIND_THREADS, thread_name_prefix="rca-write")
             self._write_failed = False
             try:
                 yield self
