@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal, report  # noqa: E402
@@ -23,6 +24,34 @@ from stage_throughput import (BENCH_RUNS, PER_IMAGE_STAGES, add_config_args, ben
                               fresh_copy, measure_stage, prepare_upstream, setup_env, start_ray, stop_ray)
 
 GOAL = 1.8
+
+
+def _median(runs: list[dict]) -> float:
+    return statistics.median(r["seconds"] for r in runs)
+
+
+def speedup_table(runs: dict, stages: list[str], lo: int, hi: int, col: Callable[[int], str], what: str,
+                  extra: Callable[[str], dict] | None = None) -> tuple[list[dict], dict]:
+    """Rows and goals of a lo -> hi scaling measurement: runs[(stage, n)] is a list of {"seconds", "images"}
+    (median taken); `col(n)` names a setting's columns ("1w", "2nodes"), `what` the unit in the goals."""
+    rows, goals = [], {}
+    for s in stages:
+        t_lo, t_hi = _median(runs[(s, lo)]), _median(runs[(s, hi)])
+        n = runs[(s, lo)][0]["images"]
+        sp = t_lo / t_hi
+        rows.append({"stage": s, "images": n, f"seconds_{col(lo)}": t_lo, f"seconds_{col(hi)}": t_hi,
+                     f"img_s_{col(lo)}": n / t_lo, f"img_s_{col(hi)}": n / t_hi, "speedup": sp,
+                     **(extra(s) if extra else {})})
+        goals[f"goal_{s}"] = goal(f"{s}: speed-up {lo} -> {hi} {what} >= {GOAL}x", round(sp, 3), sp >= GOAL)
+    total_lo = sum(r[f"seconds_{col(lo)}"] for r in rows)
+    total_hi = sum(r[f"seconds_{col(hi)}"] for r in rows)
+    overall = total_lo / total_hi
+    rows.append({"stage": "all three", f"seconds_{col(lo)}": total_lo, f"seconds_{col(hi)}": total_hi,
+                 "speedup": overall})
+    goals["speedup_overall"] = overall
+    goals["goal"] = goal(f"per-image stages together: speed-up {lo} -> {hi} {what} >= {GOAL}x", round(overall, 3),
+                         overall >= GOAL)
+    return rows, goals
 
 
 def main():
@@ -63,31 +92,13 @@ def main():
         ray_info["ray_shutdown_s"] = stop_ray()
         for w in (w_lo, w_hi):
             shutil.rmtree(base / f"scaling-w{w}", ignore_errors=True)
-    rows, result = [], {"config": args.config, "images": cfg.data.demo.n_train, "workers": [w_lo, w_hi],
-                        "repeat": args.repeat, **ray_info, "upstream_prepare_seconds": prep_s, "stages": {}}
-    speedups = []
-    for s in args.stages:
-        t_lo = statistics.median(r["seconds"] for r in runs[(s, w_lo)])
-        t_hi = statistics.median(r["seconds"] for r in runs[(s, w_hi)])
-        n = runs[(s, w_lo)][0]["images"]
-        sp = t_lo / t_hi
-        speedups.append(sp)
-        row = {"stage": s, "images": n, f"seconds_{w_lo}w": t_lo, f"seconds_{w_hi}w": t_hi,
-               f"img_s_{w_lo}w": n / t_lo, f"img_s_{w_hi}w": n / t_hi, f"img_s_per_worker_{w_hi}w": n / t_hi / w_hi,
-               "speedup": sp, f"processes_{w_hi}w": runs[(s, w_hi)][-1]["processes"]}
-        rows.append(row)
-        result["stages"][s] = {**row, "runs": {str(w): runs[(s, w)] for w in (w_lo, w_hi)},
-                               "goal": goal(f"{s}: speed-up {w_lo} -> {w_hi} Ray workers >= {GOAL}x", round(sp, 3),
-                                            sp >= GOAL)}
-    total_lo = sum(r[f"seconds_{w_lo}w"] for r in rows)
-    total_hi = sum(r[f"seconds_{w_hi}w"] for r in rows)
-    overall = total_lo / total_hi
-    rows.append({"stage": "all three", f"seconds_{w_lo}w": total_lo, f"seconds_{w_hi}w": total_hi, "speedup": overall})
-    result["speedup_overall"] = overall
-    result["goal"] = goal(f"per-image stages together: speed-up {w_lo} -> {w_hi} Ray workers >= {GOAL}x",
-                          round(overall, 3), overall >= GOAL)
-    for s in args.stages:  # each stage's goal at the top level too, so report() lists them
-        result[f"goal_{s}"] = result["stages"][s]["goal"]
+    result = {"config": args.config, "images": cfg.data.demo.n_train, "workers": [w_lo, w_hi],
+              "repeat": args.repeat, **ray_info, "upstream_prepare_seconds": prep_s}
+    rows, goals = speedup_table(
+        runs, args.stages, w_lo, w_hi, lambda n: f"{n}w", "Ray workers",
+        lambda s: {f"img_s_per_worker_{w_hi}w": runs[(s, w_hi)][0]["images"] / _median(runs[(s, w_hi)]) / w_hi,
+                   f"processes_{w_hi}w": runs[(s, w_hi)][-1]["processes"]})
+    result.update(goals, rows=rows, runs={f"{k[0]}/{k[1]}": v for k, v in runs.items()})
     notes = (f"{describe(cfg)}. Ray start-up, not in the stage times: ray.init {ray_info['ray_init_s']:.1f} s, "
              f"warming {ray_info['ray_worker_pids']} worker processes {ray_info['ray_warm_workers_s']:.1f} s, "
              f"shutdown {ray_info['ray_shutdown_s']:.1f} s. Stage time = Worker build in each worker process + "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,10 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import ROOT, goal, report  # noqa: E402
-from stage_throughput import PER_IMAGE_STAGES, add_config_args, bench_config, setup_env  # noqa: E402
-
-GOAL = 1.8
+from common import ROOT, report  # noqa: E402
+from ray_scaling import speedup_table  # noqa: E402
+from stage_throughput import (PER_IMAGE_STAGES, add_config_args, bench_config, prepare_upstream,  # noqa: E402
+                              setup_env, stage_rows)
 BUCKET = "bench-nodes"
 
 
@@ -61,15 +60,13 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
     cluster = TwoNodeCluster(work / "ray", hidden_dirs=hidden, head_cpus=args.cpus_per_node,
                              node2_cpus=args.cpus_per_node, env=s3.env)
-    rows, result, runs = [], {}, {}
+    runs: dict = {}
     t_all = time.perf_counter()
     try:
         t = time.perf_counter()
         s3.start()
         os.environ.update(s3.env)  # the standard AWS_* environment alone points s3:// at the server
         s3.make_bucket(BUCKET)
-        from stage_throughput import prepare_upstream
-
         prepare_upstream(local, args.stages, show_progress=False)
         prep_s = time.perf_counter() - t
         t = time.perf_counter()
@@ -106,12 +103,9 @@ def main() -> None:
                             t = time.perf_counter()
                             summary = run_per_image_stage(s, cfgs[n], cfgs[n].store)
                             sec = time.perf_counter() - t
-                            from rca_core.store import ArtifactStore
-
-                            man = ArtifactStore.for_config(cfgs[n]).stage(s, plan(cfgs[n])[s].fingerprint).manifest()
-                            nodes = sorted(set(man.column("node_id").to_pylist())) if "node_id" in man.column_names else []
-                            r = {"seconds": sec, "images": int(summary.get("images", man.num_rows)),
-                                 "nodes": len(nodes)}
+                            man = stage_rows(cfgs[n], s)
+                            nodes = {m["node_id"] for m in man if m.get("node_id")}
+                            r = {"seconds": sec, "images": int(summary.get("images", len(man))), "nodes": len(nodes)}
                             runs.setdefault((s, n), []).append(r)
                             print(f"[bench] {s} x{n} actors: {sec:.2f} s on {len(nodes)} node(s)", flush=True)
             finally:
@@ -120,25 +114,12 @@ def main() -> None:
         cluster.stop()
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)
-    speedups = []
-    for s in args.stages:
-        t1 = statistics.median(r["seconds"] for r in runs[(s, 1)])
-        t2 = statistics.median(r["seconds"] for r in runs[(s, 2)])
-        n_img = runs[(s, 1)][0]["images"]
-        sp = t1 / t2
-        speedups.append(sp)
-        rows.append({"stage": s, "images": n_img, "seconds_1node": t1, "seconds_2nodes": t2,
-                     "img_s_1node": n_img / t1, "img_s_2nodes": n_img / t2, "speedup": sp,
-                     "nodes_used_1": runs[(s, 1)][-1]["nodes"], "nodes_used_2": runs[(s, 2)][-1]["nodes"]})
-        result[f"goal_{s}"] = goal(f"{s}: speed-up 1 -> 2 nodes >= {GOAL}x", round(sp, 3), sp >= GOAL)
-    tot1 = sum(r["seconds_1node"] for r in rows)
-    tot2 = sum(r["seconds_2nodes"] for r in rows)
-    rows.append({"stage": "all three", "seconds_1node": tot1, "seconds_2nodes": tot2, "speedup": tot1 / tot2})
-    result.update({"rows": rows, "runs": {f"{k[0]}/{k[1]}": v for k, v in runs.items()},
-                   "prepare_seconds": prep_s, "upload_seconds": upload_s, "cluster_start_seconds": cluster_s,
-                   "total_seconds": time.perf_counter() - t_all,
-                   "goal": goal(f"per-image stages together: speed-up 1 -> 2 nodes >= {GOAL}x",
-                                round(tot1 / tot2, 3), tot1 / tot2 >= GOAL)})
+    rows, goals = speedup_table(runs, args.stages, 1, 2, lambda n: "1node" if n == 1 else f"{n}nodes", "nodes",
+                                lambda s: {"nodes_used_1": runs[(s, 1)][-1]["nodes"],
+                                           "nodes_used_2": runs[(s, 2)][-1]["nodes"]})
+    result = {**goals, "rows": rows, "runs": {f"{k[0]}/{k[1]}": v for k, v in runs.items()},
+              "prepare_seconds": prep_s, "upload_seconds": upload_s, "cluster_start_seconds": cluster_s,
+              "total_seconds": time.perf_counter() - t_all}
     d = local.data.demo
     notes = (f"config {local.name}: {d.n_train} train images of {d.size} px, 1 torch thread per actor, "
              f"{args.cpus_per_node} CPU(s) per node, shard size {local.ray.shard_size}, store and data in a "

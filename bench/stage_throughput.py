@@ -146,7 +146,7 @@ def stage_rows(cfg, name: str) -> list[dict]:
     from rca_core.stages import plan
     from rca_core.store import ArtifactStore
 
-    return ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint).manifest().to_pylist()
+    return ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint).manifest().to_pylist()
 
 
 def measure_stage(cfg, name: str, mode: str) -> dict:

@@ -283,7 +283,7 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
     one is computed.
     I/O overlaps compute: the inputs named by the stage's PREFETCH ("image", "mask", "<stage>/<field>") of the
     next `lookahead` images are read and decoded on background threads while the current one is computed,
-    and with `out`, writes go out on a background thread (StageOutput.write_behind)."""
+    and with `out`, writes go out on background threads (StageOutput.write_behind)."""
     import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
