@@ -214,6 +214,8 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
         stop.set()
         if watcher.is_alive():
             watcher.join(timeout=5)
+        if on_progress:  # the last steps reported after the watcher's last poll (the line ends at N/N)
+            _poll_progress(actor, on_progress, None)
         try:
             ray.kill(actor)
         except Exception:  # noqa: BLE001 - already gone
@@ -249,14 +251,20 @@ def _trainer(name: str, cfg: RunConfig, store_url: str, out, actor, gpus: float,
 
 
 def _watch_progress(actor, on_progress: Callable[[int, int], None], stop: threading.Event) -> None:
-    import ray
-
     last = None
     while not stop.wait(1.0):
-        try:
-            p = ray.get(actor.get.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - the actor is gone at the end of the stage
-            continue
-        if p["total"] and (p["done"], p["total"]) != last:
-            last = (p["done"], p["total"])
-            on_progress(p["done"], p["total"])
+        last = _poll_progress(actor, on_progress, last)
+
+
+def _poll_progress(actor, on_progress: Callable[[int, int], None], last):
+    """One read of the progress actor; calls on_progress when (done, total) changed. Returns the last seen."""
+    import ray
+
+    try:
+        p = ray.get(actor.get.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - the actor is gone at the end of the stage
+        return last
+    if p["total"] and (p["done"], p["total"]) != last:
+        last = (p["done"], p["total"])
+        on_progress(p["done"], p["total"])
+    return last
