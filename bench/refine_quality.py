@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     outs = {n: store.stage(n, plans[n].fingerprint) for n in ("cam_infer",) + REFINE}
 
     ds = make_dataset(cfg.data, cfg.data.eval_split)
-    done = set(outs["random_walk"].done_ids())
+    done = set(outs["random_walk"].listed_ids())
     ids = [i for i in ds.ids if i in done and ds.has_mask(i)]
     if not ids:
         raise SystemExit(f"no image of split {cfg.data.eval_split!r} has a mask and a pseudo-mask in {store.url}")

@@ -139,7 +139,7 @@ def main():
         while time.perf_counter() - t0 < args.timeout:
             if p.poll() is not None:
                 break
-            done = len(out.done_ids()) if out.exists() and out.fields else 0
+            done = len(out.listed_ids()) if out.exists() and out.fields else 0
             if done >= args.kill_at * n:
                 n_killed = kill_tree(p.pid)
                 killed_at = time.perf_counter() - t0
@@ -155,7 +155,7 @@ def main():
     time.sleep(1.0)
     left = [pid for pid in tree(p.pid) if pid != p.pid and _stat(pid)]
     finished_at_kill = n - len(out.pending(ids, verify=True))
-    in_store_at_kill = len(out.done_ids())
+    in_store_at_kill = len(out.listed_ids())
     manifest_at_kill = out.manifest().num_rows if out.exists() else 0
     complete_after_kill = out.is_complete()
 

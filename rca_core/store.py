@@ -15,9 +15,9 @@ see the store fails naming the store and the host instead of silently creating a
 
 Who writes what (Zarr's concurrency contract): the driver calls `prepare` (group metadata),
 `put_array`, `write_manifest`, `mark_complete`; a worker only creates and writes the arrays of the
-images it owns (`write`). Local writes of Zarr go through a temporary file and a rename, so a killed
-writer never leaves half a chunk; an image counts as done only once each of its arrays carries a
-checksum marker in its attrs, written after the data. `read` verifies that checksum, so a damaged
+images it owns (`write`). An image counts as done only once each of its arrays carries a checksum
+marker in its attrs (its zarr.json, written after the data; locally through a temporary file and a
+rename, so a killed writer never leaves half a zarr.json, at most a torn chunk that fails the checksum). `read` verifies that checksum, so a damaged
 entry raises DamagedEntryError instead of being silently used, and `pending(verify=True)` sends it
 back for recomputation.
 """
@@ -39,13 +39,16 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from rca_core import one_chunk
 from rca_core import storage as io_
 
 MARKER = "rca_crc32"
 WRITE_BEHIND_THREADS = 4  # images written at once behind the one being computed (object storage: ~50 ms each)
 WRITE_BEHIND_DEPTH = 2 * WRITE_BEHIND_THREADS  # images queued for writing at most
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),)
+# Blosc lz4 + bitshuffle: on VOC-sized uint8 CAMs 0.26 ms to compress and 5.7x smaller than float32 .npy, against
+# zstd-3's 1.5 ms and 6.4x (codec probe in docs/benchmarks.md, "Artifact store vs .npy per image").
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle),)
 
 
 class StoreError(RuntimeError):
@@ -160,7 +163,7 @@ class StageOutput:
         self._pending: list = []
         self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
-        self._ndims: dict = {}       # field -> number of dimensions (object storage: one-round-trip reads)
+        self._chunk_keys: dict = {}  # field -> its arrays' chunk key (both files of an entry in one round trip)
 
     def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
         d = dict(self.__dict__)
@@ -308,8 +311,15 @@ class StageOutput:
         base = self.store.loc.join(path)
         meta = files.pop("zarr.json")
         if self.store.is_local:
+            # the chunk in place, the metadata atomically (temp + rename) after it: a killed writer leaves at most
+            # a torn chunk, whose checksum no longer matches the marker, so the entry reads as damaged and is redone
+            # (one rename per entry instead of two; measured in docs/benchmarks.md, "Artifact store vs .npy")
+            os.makedirs(base, exist_ok=True)
             for rel, data in files.items():
-                io_.FileRef(fs, f"{base}/{rel}", f"{base}/{rel}").write_bytes(data)
+                if "/" in rel:
+                    os.makedirs(f"{base}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+                with open(f"{base}/{rel}", "wb") as f:
+                    f.write(data)
             io_.FileRef(fs, f"{base}/zarr.json", f"{base}/zarr.json").write_bytes(meta)
             return
         # object storage: both objects in one concurrent round trip. Should the chunk's PUT fail after the
@@ -327,14 +337,16 @@ class StageOutput:
 
     def _read_checked(self, rel: str, field: str, name: str) -> tuple[np.ndarray, dict]:
         try:
-            z = self._open_for_read(rel, field)
-            attrs = dict(z.attrs)
+            meta, chunk = self._fetch(rel, field)
         except Exception as e:
             raise DamagedEntryError(self.key, name, field, f"missing or unreadable metadata ({type(e).__name__})") from e
+        attrs = dict(meta.get("attributes") or {})
         if MARKER not in attrs:
             raise DamagedEntryError(self.key, name, field, "write was not finished (no checksum marker)")
         try:
-            arr = z[...]
+            arr = one_chunk.decode(meta, chunk)
+            if arr is None:  # not the store's own one-chunk form: let zarr-python read it
+                arr = zarr.open_array(self.store.zstore, path=f"{self.key}/{rel}", mode="r")[...]
         except Exception as e:
             raise DamagedEntryError(self.key, name, field, f"unreadable data ({type(e).__name__}: {e})") from e
         if checksum(arr) != attrs[MARKER]:
@@ -342,33 +354,34 @@ class StageOutput:
         attrs.pop(MARKER)
         return arr, attrs
 
-    def _open_for_read(self, rel: str, field: str):
-        """The array at rel. On object storage, once a field's number of dimensions is known, its metadata and
-        its one chunk are fetched together (one round trip instead of two) and decoded from memory."""
-        path = f"{self.key}/{rel}"
-        ndim = self._ndims.get(field) if not self.store.is_local else None
-        if ndim is None:
-            z = zarr.open_array(self.store.zstore, path=path, mode="r")
-            if not self.store.is_local:
-                self._ndims[field] = len(z.shape)
-            return z
-        from zarr.core.buffer.cpu import Buffer
-
-        base = self.store.loc.join(path)
-        chunk = "c/" + "/".join(["0"] * ndim) if ndim else "c"
-        got = self.store.loc.fs.cat([f"{base}/zarr.json", f"{base}/{chunk}"], on_error="return")
-        meta = got.get(f"{base}/zarr.json")
-        if not isinstance(meta, bytes):
-            raise FileNotFoundError(f"{base}/zarr.json")
-        files = {"zarr.json": Buffer.from_bytes(meta)}
+    def _fetch(self, rel: str, field: str) -> tuple[dict, bytes | None]:
+        """The parsed zarr.json of the array at rel and the bytes of its one chunk (None: no chunk file). Once a
+        field's chunk key is known (it follows from the number of dimensions), both files are fetched together
+        (object storage: one round trip instead of two)."""
+        fs = self.store.loc.fs
+        base = self.store.loc.join(self.key, rel)
+        chunk = self._chunk_keys.get(field)
+        if chunk is None:
+            meta = one_chunk.parse_meta(fs.cat_file(f"{base}/zarr.json"))
+            form = one_chunk.simple_form(meta)
+            if form is None:  # not the one-chunk form: zarr-python reads it (the caller)
+                return meta, None
+            self._chunk_keys[field] = form[2]
+            try:
+                return meta, fs.cat_file(f"{base}/{form[2]}")
+            except FileNotFoundError:
+                return meta, None
+        got = fs.cat([f"{base}/zarr.json", f"{base}/{chunk}"], on_error="return")
+        raw = got.get(f"{base}/zarr.json")
+        if not isinstance(raw, bytes):
+            raise raw if isinstance(raw, BaseException) else FileNotFoundError(f"{base}/zarr.json")
+        meta = one_chunk.parse_meta(raw)
+        form = one_chunk.simple_form(meta)
+        if form is None or form[2] != chunk:  # another form than this field's usual one: fetch its own chunk
+            self._chunk_keys.pop(field, None)
+            return self._fetch(rel, field)
         data = got.get(f"{base}/{chunk}")
-        if isinstance(data, bytes):
-            files[chunk] = Buffer.from_bytes(data)
-        z = zarr.open_array(zarr.storage.MemoryStore(store_dict=files), mode="r")
-        if len(z.shape) != ndim:  # another shape than this field's usual one: read it the plain way
-            self._ndims.pop(field, None)
-            return zarr.open_array(self.store.zstore, path=path, mode="r")
-        return z
+        return meta, data if isinstance(data, bytes) else None
 
     def is_done(self, image_id: str, verify: bool = False) -> bool:
         fields = self.fields
@@ -380,8 +393,8 @@ class StageOutput:
                     return False
             else:
                 try:
-                    z = zarr.open_array(self.store.zstore, path=f"{self.key}/{field}/{image_id}", mode="r")
-                    if MARKER not in z.attrs:
+                    raw = self.store.loc.fs.cat_file(self.store.loc.join(self.key, field, image_id, "zarr.json"))
+                    if MARKER not in (one_chunk.parse_meta(raw).get("attributes") or {}):
                         return False
                 except Exception:
                     return False
@@ -391,15 +404,27 @@ class StageOutput:
         """Ids not done yet (or damaged, with verify=True), in the given order."""
         return [i for i in image_ids if not self.is_done(i, verify=verify)]
 
-    def done_ids(self, field: str | None = None) -> list[str]:
-        fields = [field] if field else self.fields
-        sets = []
-        for f in fields:
-            try:
-                grp = zarr.open_group(self.store.zstore, path=f"{self.key}/{f}", mode="r")
-                sets.append({name for name in grp.array_keys()})
-            except Exception:
+    def listed_ids(self, field: str | None = None) -> list[str]:
+        """Ids with an entry under every per-image field (or `field`), from one listing of each field's folder
+        (object storage: one request per 1,000 ids, where asking id by id costs a request each). Listed is not
+        done: resume still verifies each of them (is_done(verify=True)); an id not listed has nothing stored
+        and is computed without a read."""
+        fs, sets = self.store.loc.fs, []
+        for f in [field] if field else self.fields:
+            path = self.store.loc.join(self.key, f).rstrip("/")
+            fs.invalidate_cache(path)  # s3fs/gcsfs keep listings: this one must see what other nodes wrote
+            try:  # every file below, flat (object storage: no per-folder requests); an entry counts once its
+                # zarr.json, written last, is there (a folder left empty, as some S3 servers keep, does not)
+                names = fs.find(path, withdirs=False)
+            except FileNotFoundError:
                 return []
+            ids = set()
+            for n in names:
+                rel = n[len(path) + 1:] if n.startswith(path + "/") else n.split(path + "/", 1)[-1]
+                parts = rel.split("/")
+                if len(parts) == 2 and parts[1] == "zarr.json":
+                    ids.add(parts[0])
+            sets.append(ids)
         return sorted(set.intersection(*sets)) if sets else []
 
     def invalidate(self, image_id: str) -> None:
@@ -511,14 +536,19 @@ class StageOutput:
 
 
 def encode_array(arr: np.ndarray, attrs: dict | None = None) -> dict[str, bytes]:
-    """The files of a one-chunk Zarr v3 array (Blosc zstd + bitshuffle) holding `arr`, with `attrs` and the
-    checksum marker in its attributes, encoded in memory by zarr itself: {"zarr.json": ..., "c/0/0": ...}."""
+    """The files of a one-chunk Zarr v3 array (COMPRESSORS) holding `arr`, with `attrs` and the checksum marker in
+    its attributes: {"zarr.json": ..., "c.0.0": ...}, the bytes zarr-python writes (rca_core.one_chunk; zarr-python
+    itself encodes the forms that module does not take)."""
     arr = np.ascontiguousarray(arr)
+    attributes = {**dict(attrs or {}), MARKER: checksum(arr)}
+    fast = one_chunk.encode(arr, attributes, COMPRESSORS)
+    if fast is not None:
+        return fast
     files: dict = {}
     z = zarr.create_array(zarr.storage.MemoryStore(store_dict=files), shape=arr.shape, dtype=arr.dtype,
                           chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,
-                          attributes={**dict(attrs or {}), MARKER: checksum(arr)},
-                          config={"write_empty_chunks": True})  # an all-fill chunk too: it replaces an older one
+                          chunk_key_encoding=one_chunk.CHUNK_KEY_ENCODING,
+                          attributes=attributes, config={"write_empty_chunks": True})  # an all-fill chunk too: it replaces an older one
     if arr.size:
         z[...] = arr
     return {k: v.to_bytes() for k, v in files.items()}

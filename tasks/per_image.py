@@ -9,7 +9,8 @@
 - Shards (`ray.shard_size` images per call at most) are balanced: their count is a multiple of the pool
   size, so the last wave is not one straggler. Inside a call, the next images' inputs are read and
   decoded while the current one is computed, and writes go out behind (rca_core.stages.process_images).
-- Workers verify the images they are given (a finished image is kept, not recomputed) and return their
+- The driver lists the stage's folder once at the start; workers verify the listed images they are given (a
+  finished image is kept, not recomputed; one not listed is computed without a read) and return their
   manifest rows and the stage's statistics (confusion matrices, embeddings); the driver only merges
   them: no stage reads every image on the driver.
 - A lost actor (its process or its node died) is dropped and its shard goes to another actor of the pool
@@ -44,7 +45,9 @@ class StageActorImpl:
         self.builds: dict[tuple, int] = {}  # stage key -> Worker builds in this process
         self._cfg_json, self._cfg = None, None
 
-    def run(self, name: str, cfg_json: dict, store_url: str, ids: list[str]) -> dict:
+    def run(self, name: str, cfg_json: dict, store_url: str, ids: list[str], maybe_done: list[str] | None = None) -> dict:
+        """One shard. `maybe_done`: the shard's ids the driver found listed in the store at the stage's start, the
+        only ones verified before computing (None: verify every id, as after a lost actor)."""
         import ray
         import torch
 
@@ -65,7 +68,7 @@ class StageActorImpl:
         worker = self.worker
         delay = float(os.environ.get("RCA_FAULT_IMAGE_DELAY", "0"))  # fault-injection hook for reliability tests
         node = ray.get_runtime_context().get_node_id()
-        rows = process_images(worker, ids, out=worker.ctx.out,
+        rows = process_images(worker, ids, out=worker.ctx.out, maybe_done=None if maybe_done is None else set(maybe_done),
                               on_done=(lambda done, total: time.sleep(delay)) if delay else None)
         rows = [{**row, "node_id": node, "pid": os.getpid()} for row in rows]
         return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None,
@@ -176,9 +179,9 @@ def _actor_lost(e: BaseException) -> bool:
 
 
 def _run_shards(actors: list, shards: list[list[str]], call, lost: list, max_requeue: int = 3, replace=None):
-    """Yield the result of every shard, each run by a free actor; a shard whose actor was lost goes back to
-    the queue for another actor (at most `max_requeue` times); when no actor is left, `replace()` makes a new
-    one; other errors (the stage's own) are raised."""
+    """Yield the result of every shard, each run by a free actor (`call(actor, shard, tries)`); a shard whose actor
+    was lost goes back to the queue for another actor (at most `max_requeue` times); when no actor is left,
+    `replace()` makes a new one; other errors (the stage's own) are raised."""
     import collections
 
     import ray
@@ -190,7 +193,7 @@ def _run_shards(actors: list, shards: list[list[str]], call, lost: list, max_req
         while queue and free:
             actor = free.pop(0)
             shard, tries = queue.popleft()
-            in_flight[call(actor, shard)] = (actor, shard, tries)
+            in_flight[call(actor, shard, tries)] = (actor, shard, tries)
         if not in_flight:
             if replace is None or len(lost) > max_requeue * max(1, len(shards)):
                 raise RuntimeError(f"every actor of the stage was lost ({len(lost)}); {len(queue)} shards left")
@@ -222,6 +225,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
     out = ctx.out
     t0 = time.time()
     out.prepare(getattr(mod, "FIELDS", ()))
+    listed = set(out.listed_ids())  # one listing per field; workers verify only these (a fresh stage: none)
     cpus, gpus = stage_resources(name, cfg)
     slots = pool_capacity(cpus, gpus)
     if cfg.ray.actors:
@@ -242,8 +246,11 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
         new = get_pool(cfg, cpus, gpus, len(_POOLS.get(_pool_key(cpus, gpus), [])) + 1)[-1]
         return new
 
-    for res in _run_shards(actors, shards, lambda a, shard: a.run.remote(name, cfg_json, store_url, shard), lost,
-                           replace=replace):
+    def call(actor, shard, tries):  # a requeued shard verifies every id: the lost actor may have finished some
+        maybe = [i for i in shard if i in listed] if tries == 0 else None
+        return actor.run.remote(name, cfg_json, store_url, shard, maybe)
+
+    for res in _run_shards(actors, shards, call, lost, replace=replace):
         rows = res["rows"]
         if any(r["status"] == KEPT for r in rows):  # kept images: rows only where the manifest lacks them
             if manifest_has is None:  # read once per stage, not per image
@@ -263,6 +270,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
     summary = dict(mod.finalize(cfg, ctx, parts) or {})
     summary.setdefault("images", total)
     summary["recomputed_images"] = computed
+    summary["listed_at_start"] = len(listed)
     summary["shards"] = len(shards)
     summary["actors"] = len(actors)
     summary["actors_lost"] = len(lost)

@@ -93,15 +93,15 @@ def test_cam_pipeline_outputs(data_root, tmp_path, monkeypatch, rca):
                                             cfg.cam.aggregation.kmeans_iters, seed=cfg.seed)
     assert protos.shape == (3, k, emb.shape[1]) and np.allclose(protos, expect.numpy())
     assert (valid.astype(bool) == expect_valid.numpy()).all()
-    # CAM inference: GT classes only, image resolution, float16, max-normalised; nothing else stored
+    # CAM inference: GT classes only, image resolution, uint8 (the default), max-normalised; nothing else stored
     assert cams.fields == ["cam"]
     for image_id in ds.ids[:6]:
         cam, attrs = cams.read(image_id, "cam")
         h, w = ds.size(image_id)
         tags = sorted(ds.tags(image_id))
-        assert attrs["classes"] == tags and cam.dtype == np.float16
+        assert attrs["classes"] == tags and cam.dtype == np.uint8
         assert cam.shape == (len(tags), h, w)
-        assert cam.min() >= 0 and np.allclose(cam.reshape(len(tags), -1).max(1), 1.0, atol=2e-3)
+        assert (cam.reshape(len(tags), -1).max(1) >= 254).all()  # max-normalised: 1 - 2e-3 or more
     # CAM evaluation: the whole curve, best threshold = best point of the curve
     curve = summary["curve"]
     assert [c["threshold"] for c in curve] == sorted(cfg.cam_eval.thresholds)

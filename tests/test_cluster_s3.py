@@ -194,8 +194,8 @@ def test_pseudo_masks_identical_to_a_single_host_run(cluster, reference_run):
     ref = load(reference_run["config"])
     assert reference_run["rc"] == 0
     new_rw, ref_rw = stage_out(cfg, "random_walk"), stage_out(ref, "random_walk")
-    ids = ref_rw.done_ids()
-    assert ids and sorted(new_rw.done_ids()) == sorted(ids)
+    ids = ref_rw.listed_ids()
+    assert ids and sorted(new_rw.listed_ids()) == sorted(ids)
     for i in ids:
         a, aa = new_rw.read(i, "pseudo_mask")
         b, ba = ref_rw.read(i, "pseudo_mask")
@@ -247,7 +247,7 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
               env={"RCA_FAULT_IMAGE_DELAY": "0.5"})
     try:
         finished = _wait(lambda: (lambda d: d if 4 <= len(d) <= n - 8 else None)(
-            [i for i in (rw.done_ids() if rw.fields else []) if rw.is_done(i)]), 300, "random_walk half way", p)
+            [i for i in (rw.listed_ids() if rw.fields else []) if rw.is_done(i)]), 300, "random_walk half way", p)
         t_snapshot = time.time()
         c.ray.kill_node2_raylet()
         stdout, _ = p.communicate(timeout=600)
@@ -265,10 +265,10 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
     again = [r["image_id"] for r in rows if r["image_id"] in finished and r["status"] == "done"
              and r["written_at"] > t_snapshot]
     assert again == [], f"finished before the kill, computed again: {again}"
-    assert sorted(rw.manifest().column("image_id").to_pylist()) == sorted(rw.done_ids()) and len(rw.done_ids()) == n
+    assert sorted(rw.manifest().column("image_id").to_pylist()) == sorted(rw.listed_ids()) and len(rw.listed_ids()) == n
     # byte-identical to the uninterrupted run
     ref = stage_out(src, "random_walk")
-    for i in ref.done_ids():
+    for i in ref.listed_ids():
         assert rw.read(i, "pseudo_mask")[0].tobytes() == ref.read(i, "pseudo_mask")[0].tobytes(), i
 
 

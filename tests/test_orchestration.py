@@ -35,7 +35,7 @@ def per_image_outputs(config: Path, stages=PER_IMAGE) -> dict[str, bytes]:
         st = store.stage(name, p.fingerprint)
         assert st.is_complete(), f"{name} not complete"
         for field in st.fields:
-            for image_id in st.done_ids(field):
+            for image_id in st.listed_ids(field):
                 arr, attrs = st.read(image_id, field)
                 out[f"{name}/{field}/{image_id}"] = arr.tobytes() + repr(sorted(attrs.items())).encode()
     return out
@@ -86,7 +86,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     killed_with = None
     while time.time() < deadline and p.poll() is None:
         if rw.fields:
-            done = rw.done_ids()
+            done = rw.listed_ids()
             if 2 <= len(done) < n - 2:
                 os.killpg(p.pid, signal.SIGKILL)  # the flow process and its local Ray, like a lost node
                 killed_with = len(done)
@@ -157,6 +157,6 @@ def test_ray_worker_killed_mid_stage(reference_run, tmp_path, monkeypatch):
     assert summary["images"] == ref_cfg.data.demo.n_train
     fp = plan(cfg)["crf_labels"].fingerprint
     new, ref = ArtifactStore(cfg.store).stage("crf_labels", fp), ArtifactStore(ref_cfg.store).stage("crf_labels", fp)
-    for image_id in ref.done_ids():
+    for image_id in ref.listed_ids():
         a, b = new.read(image_id, "crf_label")[0], ref.read(image_id, "crf_label")[0]
         assert np.array_equal(a, b), image_id

@@ -93,5 +93,13 @@ def test_driver_reads_no_image_during_a_stage(cam_run, tmp_path, ray_with_a_gpu,
     from rca_core.stages import plan
     from rca_core.store import ArtifactStore
 
-    s = ArtifactStore(cfg.store).stage("crf_labels", plan(cfg)["crf_labels"].fingerprint).summary()
+    out = ArtifactStore(cfg.store).stage("crf_labels", plan(cfg)["crf_labels"].fingerprint)
+    s = out.summary()
     assert s["metrics"]["images"] == cfg.data.demo.n_train and 0 < s["metrics"]["miou_all"] <= 1
+    # a fresh stage found nothing listed (its workers read no entry of their own before computing); run again
+    # after its completion is cleared, it lists every image, the workers verify and keep them all
+    assert s["listed_at_start"] == 0 and s["recomputed_images"] == s["images"]
+    out.clear_complete()
+    again = run_per_image_stage("crf_labels", cfg, cfg.store)
+    assert again["listed_at_start"] == again["images"] == s["images"] and again["recomputed_images"] == 0
+    assert again["metrics"]["miou_all"] == s["metrics"]["miou_all"]

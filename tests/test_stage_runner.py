@@ -27,7 +27,7 @@ def test_finished_images_are_verified_and_kept_damaged_ones_recomputed(tmp_path)
     zarr.open_array(out.store.zstore, path=f"{out.key}/m/c", mode="r+")[0, 0] = 9
     out.write_manifest([{"image_id": "a", "status": "done", "seconds": 0.1}])
     worker = Toy(out)
-    rows = process_images(worker, ids, out=out, maybe_done=set(out.done_ids()))
+    rows = process_images(worker, ids, out=out, maybe_done=set(out.listed_ids()))
     assert worker.calls == ["c", "d"]
     status = {r["image_id"]: r["status"] for r in rows}
     assert status == {"a": KEPT, "b": KEPT, "c": "done", "d": "done"}
@@ -37,3 +37,32 @@ def test_finished_images_are_verified_and_kept_damaged_ones_recomputed(tmp_path)
     man = {r["image_id"]: r for r in out.manifest().to_pylist()}
     assert sorted(man) == ids and man["a"]["seconds"] == 0.1 and man["d"]["value"] == 7
     assert out.read("c", "m")[0].tolist() == [[7, 7], [7, 7]]
+
+
+def test_only_ids_listed_in_the_store_are_verified(tmp_path, monkeypatch):
+    """A stage lists its folder once; ids not listed are computed without a read (a fresh stage reads nothing),
+    listed ones are verified; an id stored under one field only is listed for that field, not for the stage."""
+    from rca_core.store import StageOutput
+
+    out = ArtifactStore(tmp_path / "s").stage("toy", "f").prepare(["m", "n"])
+    fresh = ArtifactStore(tmp_path / "s").stage("toy", "g").prepare(["m"])
+    assert fresh.listed_ids() == []
+    out.write("a", {"m": np.zeros((2, 2), np.uint8), "n": np.ones(3, np.float32)})
+    out.write("b", {"m": np.zeros((2, 2), np.uint8)})
+    assert out.listed_ids() == ["a"] and out.listed_ids("m") == ["a", "b"]
+    checked = []
+    orig = StageOutput.is_done
+    monkeypatch.setattr(StageOutput, "is_done", lambda self, i, verify=False: (checked.append(i), orig(self, i, verify))[1])
+
+    class Both(Toy):
+        def process(self, image_id):
+            self.calls.append(image_id)
+            self.out.write(image_id, {"m": np.full((2, 2), 7, np.uint8), "n": np.zeros(3, np.float32)})
+
+    worker = Both(out)
+    rows = process_images(worker, ["a", "b", "c"], out=out, maybe_done=set(out.listed_ids()))
+    assert checked == ["a"] and worker.calls == ["b", "c"]
+    assert [r["status"] for r in rows] == [KEPT, "done", "done"]
+    checked.clear()
+    rows = process_images(Both(fresh), ["x", "y"], out=fresh, maybe_done=set(fresh.listed_ids()))
+    assert checked == [] and [r["status"] for r in rows] == ["done", "done"]

@@ -241,7 +241,8 @@ def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: di
     if hasattr(mod, "Worker"):
         ctx.out.prepare(getattr(mod, "FIELDS", ()))
         worker = mod.Worker(cfg, ctx)
-        rows = process_images(worker, ctx.ids, show_progress=show_progress, desc=name, out=ctx.out)
+        rows = process_images(worker, ctx.ids, show_progress=show_progress, desc=name, out=ctx.out,
+                              maybe_done=set(ctx.out.listed_ids()))
         ctx.out.write_manifest(new_manifest_rows(ctx.out, rows))
         parts = [worker.partial()] if hasattr(worker, "partial") else []
         summary = dict(mod.finalize(cfg, ctx, parts) or {})

@@ -2,8 +2,8 @@
 
 The CAM comes from the aggregated branch when aggregation is on, with the dataset-level prototypes of
 memory_build (method.md 4); from the plain branch otherwise. Per image: field `cam` (n_tags, H, W)
-at image resolution, max-normalised per class, stored as cam_infer.dtype (float16, or uint8 =
-round(255 * cam); readers decode with rca_core.cam_ops.decode_cam), attrs `classes` (1-based ids,
+at image resolution, max-normalised per class, stored as cam_infer.dtype (uint8 =
+round(255 * cam) by default, or float16; readers decode with rca_core.cam_ops.decode_cam), attrs `classes` (1-based ids,
 ascending). An image without tags gets a (0, H, W) array. (The low-resolution copy earlier versions
 stored for the random walk was read by nothing: the walk downsamples `cam` to its own feature grid.)
 """

@@ -1,0 +1,134 @@
+"""One-chunk Zarr v3 arrays (the store's per-image arrays) encoded and decoded without zarr-python's per-call cost.
+
+The artifact store keeps every image's field as a Zarr v3 array of one chunk: a `zarr.json` and one chunk file
+`c.0.0.0` beside it (default chunk key encoding with the "." separator: no chunk folders to create per image;
+stores written before use "/", `c/0/0/0`, and read the same). For a VOC-sized CAM zarr-python spends ~1.3 ms
+creating such an array in memory and ~1.5 ms opening and decoding it (metadata validation, its async codec pipeline), more than the
+Blosc codec itself (bench/store_vs_npy.py, docs/benchmarks.md). Here the metadata is zarr-python's own, written
+once per (dtype, number of dimensions) as a template in which only shape, chunk shape and attributes change,
+and the chunk goes through numcodecs' Blosc with the configuration zarr-python wrote into that template (the
+codec zarr's BloscCodec calls). The files are byte-for-byte the ones zarr-python writes
+(tests/test_store_one_chunk.py checks it), so any Zarr reader opens them. `decode` takes only that simple
+form; for anything else it returns None and the store reads the array through zarr-python.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+_NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+            "float16", "float32", "float64"}
+_templates: dict[tuple[str, int], tuple[dict, Any]] = {}
+_lock = threading.Lock()
+
+
+SEPARATOR = "."  # of new arrays' chunk keys
+CHUNK_KEY_ENCODING = {"name": "default", "separator": SEPARATOR}
+
+
+def chunk_key(ndim: int, separator: str = SEPARATOR) -> str:
+    """The one chunk's key under the array (default chunk key encoding)."""
+    return "c" + "".join(separator + "0" for _ in range(ndim))
+
+
+def _template(dtype: np.dtype, ndim: int, compressors) -> tuple[dict, Any] | None:
+    """zarr-python's metadata for a one-chunk array of this dtype and ndim, and its Blosc codec (None: not Blosc)."""
+    key = (dtype.str, ndim)
+    with _lock:
+        if key not in _templates:
+            import zarr
+            from numcodecs import Blosc
+
+            files: dict = {}
+            zarr.create_array(zarr.storage.MemoryStore(store_dict=files), shape=(1,) * ndim, dtype=dtype,
+                              chunks=(1,) * ndim, compressors=compressors, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                              config={"write_empty_chunks": True})
+            meta = json.loads(files["zarr.json"].to_bytes())
+            codecs = meta.get("codecs", [])
+            if len(codecs) == 2 and codecs[0].get("name") == "bytes" and codecs[1].get("name") == "blosc":
+                c = codecs[1]["configuration"]
+                shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+                codec = Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=shuffle[c["shuffle"]],
+                              blocksize=c.get("blocksize", 0), typesize=c["typesize"])
+                _templates[key] = (meta, codec)
+            else:
+                _templates[key] = None
+        return _templates[key]
+
+
+def encode(arr: np.ndarray, attributes: dict, compressors) -> dict[str, bytes] | None:
+    """{"zarr.json": ..., chunk_key: ...} of a one-chunk array holding `arr`; None where this form does not apply
+    (empty or 0-d arrays, non-numeric dtypes, a codec chain other than bytes + Blosc)."""
+    if arr.ndim == 0 or arr.size == 0 or arr.dtype.name not in _NUMERIC:
+        return None
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    tpl = _template(arr.dtype, arr.ndim, compressors)
+    if tpl is None:
+        return None
+    meta, codec = tpl
+    meta = dict(meta)
+    shape = list(arr.shape)
+    meta["shape"] = shape
+    meta["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": shape}}
+    meta["attributes"] = attributes
+    return {"zarr.json": json.dumps(meta, allow_nan=True, indent=2, default=_plain).encode(),
+            chunk_key(arr.ndim): bytes(codec.encode(arr))}
+
+
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"attribute value {o!r} ({type(o).__name__}) is not JSON")
+
+
+def parse_meta(meta: bytes) -> dict:
+    return json.loads(meta)
+
+
+def simple_form(meta: dict) -> tuple[tuple[int, ...], np.dtype, str] | None:
+    """(shape, dtype, chunk key) when `meta` is a one-chunk array that `decode` takes, else None."""
+    try:
+        shape = tuple(int(s) for s in meta["shape"])
+        codecs = meta["codecs"]
+        ok = (meta.get("zarr_format") == 3 and meta.get("node_type") == "array"
+              and not meta.get("storage_transformers")
+              and meta["chunk_grid"] == {"name": "regular", "configuration": {"chunk_shape": list(shape)}}
+              and meta["chunk_key_encoding"].get("name") == "default"
+              and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") in ("/", ".")
+              and meta["data_type"] in _NUMERIC and len(shape) > 0
+              and len(codecs) == 2 and codecs[0].get("name") == "bytes"
+              and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+              and codecs[1].get("name") == "blosc")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not ok:
+        return None
+    sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+    return shape, np.dtype(meta["data_type"]).newbyteorder("<"), chunk_key(len(shape), sep)
+
+
+def decode(meta: dict, chunk: bytes | None) -> np.ndarray | None:
+    """The array of a one-chunk array's parsed metadata and chunk bytes (None: chunk absent = all fill value).
+    Returns None where the metadata is not the simple form (read it through zarr-python then); raises ValueError
+    when the chunk does not decode to the array's size."""
+    form = simple_form(meta)
+    if form is None:
+        return None
+    shape, dtype, _ = form
+    if chunk is None:
+        return np.full(shape, meta.get("fill_value", 0), dtype=dtype)
+    from numcodecs import Blosc
+
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    try:
+        raw = Blosc().decode(chunk)
+    except Exception as e:
+        raise ValueError(f"chunk does not decode: {e}") from e
+    if len(raw) != nbytes:
+        raise ValueError(f"chunk holds {len(raw)} bytes, {shape} {dtype} needs {nbytes}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # writable, like zarr-python's
