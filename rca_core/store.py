@@ -164,10 +164,11 @@ class StageOutput:
         self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
         self._chunk_keys: dict = {}  # field -> its arrays' chunk key (both files of an entry in one round trip)
+        self._obj = (None, None)     # (pid, obstore client or None): the object-storage fast path, per process
 
     def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
         d = dict(self.__dict__)
-        d.update(_writer=None, _pending=[], _prefetched={})
+        d.update(_writer=None, _pending=[], _prefetched={}, _obj=(None, None))
         return d
 
     # ---------------------------------------------------------------- driver side
@@ -302,6 +303,19 @@ class StageOutput:
             except Exception as e:  # disk full, permissions, a file in the way, ...
                 raise StoreError(f"writing {self.store.url}/{path} failed: {type(e).__name__}: {e}") from e
 
+    def _objects(self):
+        """The obstore client of an s3:// store in this process (None: local, or the fsspec path serves)."""
+        if self.store.is_local:
+            return None
+        pid, obj = self._obj
+        if pid != os.getpid():  # made per process: a forked child must not share the parent's runtime
+            obj = io_.object_store(self.store.url, self.store.storage)
+            self._obj = (os.getpid(), obj)
+        return obj
+
+    def _object_key(self, path: str) -> str:
+        return path.split("/", 1)[1]  # fsspec paths start with the bucket
+
     def _put_encoded(self, path: str, files: dict[str, bytes]) -> None:
         """Write an encoded array: its chunk first, its zarr.json (which carries the checksum marker) last,
         so a reader never sees the marker before the data. Each file is written atomically (temp + rename
@@ -321,6 +335,14 @@ class StageOutput:
                 with open(f"{base}/{rel}", "wb") as f:
                     f.write(data)
             io_.FileRef(fs, f"{base}/zarr.json", f"{base}/zarr.json").write_bytes(meta)
+            return
+        obj = self._objects()
+        if obj is not None:  # obstore: the chunk, then the metadata that carries the marker
+            import obstore
+
+            for rel, data in files.items():
+                obstore.put(obj, self._object_key(f"{base}/{rel}"), data)
+            obstore.put(obj, self._object_key(f"{base}/zarr.json"), meta)
             return
         # object storage: both objects in one concurrent round trip. Should the chunk's PUT fail after the
         # metadata's, the marker's checksum no longer matches what a reader decodes: the entry reads as
@@ -371,7 +393,7 @@ class StageOutput:
                 return meta, fs.cat_file(f"{base}/{form[2]}")
             except FileNotFoundError:
                 return meta, None
-        got = fs.cat([f"{base}/zarr.json", f"{base}/{chunk}"], on_error="return")
+        got = self._get_both(f"{base}/zarr.json", f"{base}/{chunk}")
         raw = got.get(f"{base}/zarr.json")
         if not isinstance(raw, bytes):
             raise raw if isinstance(raw, BaseException) else FileNotFoundError(f"{base}/zarr.json")
@@ -382,6 +404,30 @@ class StageOutput:
             return self._fetch(rel, field)
         data = got.get(f"{base}/{chunk}")
         return meta, data if isinstance(data, bytes) else None
+
+    def _get_both(self, meta_path: str, chunk_path: str) -> dict:
+        """{path: bytes or the exception} of both files of an entry, fetched concurrently."""
+        obj = self._objects()
+        if obj is None:
+            return self.store.loc.fs.cat([meta_path, chunk_path], on_error="return")
+        import asyncio
+
+        import obstore
+
+        async def get(path):
+            try:
+                return bytes(await (await obstore.get_async(obj, self._object_key(path))).bytes_async())
+            except Exception as e:  # noqa: BLE001 - handed back like fsspec's on_error="return"
+                return e if not _not_found(e) else FileNotFoundError(path)
+
+        async def both():
+            return await asyncio.gather(get(meta_path), get(chunk_path))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread (the usual case: workers, I/O threads)
+            return dict(zip((meta_path, chunk_path), asyncio.run(both())))
+        return self.store.loc.fs.cat([meta_path, chunk_path], on_error="return")
 
     def is_done(self, image_id: str, verify: bool = False) -> bool:
         fields = self.fields
@@ -533,6 +579,10 @@ class StageOutput:
 
     def __repr__(self) -> str:
         return f"StageOutput({self.uri!r})"
+
+
+def _not_found(e: BaseException) -> bool:
+    return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
 
 
 def encode_array(arr: np.ndarray, attrs: dict | None = None) -> dict[str, bytes]:
