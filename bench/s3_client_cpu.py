@@ -53,7 +53,6 @@ def main() -> None:
     from rca_core.cam_ops import encode_cam
     from rca_core.store import ArtifactStore
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from store_vs_npy import make_cams
 
     cams = [encode_cam(c, "uint8") for c in make_cams(20)]

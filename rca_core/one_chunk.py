@@ -74,11 +74,12 @@ def encode(arr: np.ndarray, attributes: dict, compressors) -> dict[str, bytes] |
     meta["shape"] = shape
     meta["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": shape}}
     meta["attributes"] = attributes
-    return {"zarr.json": json.dumps(meta, allow_nan=True, indent=2, default=_plain).encode(),
+    return {"zarr.json": json.dumps(meta, allow_nan=True, indent=2, default=plain_json).encode(),
             chunk_key(arr.ndim): bytes(codec.encode(arr))}
 
 
-def _plain(o):
+def plain_json(o):
+    """json.dumps' `default` for numpy values; anything else is refused, as zarr-python refuses it."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -99,7 +100,7 @@ def simple_form(meta: dict) -> tuple[tuple[int, ...], np.dtype, str] | None:
               and not meta.get("storage_transformers")
               and meta["chunk_grid"] == {"name": "regular", "configuration": {"chunk_shape": list(shape)}}
               and meta["chunk_key_encoding"].get("name") == "default"
-              and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") in ("/", ".")
+              and _separator(meta) in ("/", ".")
               and meta["data_type"] in _NUMERIC and len(shape) > 0
               and len(codecs) == 2 and codecs[0].get("name") == "bytes"
               and codecs[0].get("configuration", {}).get("endian", "little") == "little"
@@ -108,8 +109,11 @@ def simple_form(meta: dict) -> tuple[tuple[int, ...], np.dtype, str] | None:
         return None
     if not ok:
         return None
-    sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-    return shape, np.dtype(meta["data_type"]).newbyteorder("<"), chunk_key(len(shape), sep)
+    return shape, np.dtype(meta["data_type"]).newbyteorder("<"), chunk_key(len(shape), _separator(meta))
+
+
+def _separator(meta: dict) -> str:
+    return meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
 
 
 def decode(meta: dict, chunk: bytes | None) -> np.ndarray | None:
