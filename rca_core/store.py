@@ -114,7 +114,10 @@ class ArtifactStore:
         else:
             self.zstore = zarr.storage.FsspecStore.from_url(self.url, storage_options=io_.options_for(self.url, storage))
         try:
-            self.root = zarr.open_group(self.zstore, mode="a" if create else "r+")
+            try:
+                self.root = zarr.open_group(self.zstore, mode="a" if create else "r+")
+            except zarr.errors.ContainsGroupError:  # another process (a DDP rank) created it in between
+                self.root = zarr.open_group(self.zstore, mode="r+")
         except Exception as e:  # e.g. a file where the store directory should be
             raise StoreError(f"cannot open artifact store at {self.url}: {e}") from e
 
