@@ -2,7 +2,9 @@
 
 - One `StageActor` per slot of the cluster (all of it by default, `ray.actors` caps it); the stage's
   Worker (its models) is built once per actor and kept for every later shard of the stage; a pool of the
-  same resource shape is reused by the next per-image stage of the run (the actor swaps the stage's Worker).
+  same resource shape is reused by the next per-image stage of the run (the actor swaps the stage's Worker),
+  and a one-worker CPU training stage runs on it too (`training_hosts`, `StageActorImpl.train`), so the
+  pool's processes live for the whole run.
 - Per-stage resources: stages whose module says USES_GPU (cam_infer, memory_build, seg_eval) ask for
   `ray.gpus_per_worker` GPUs per actor (fractions allowed; 0 = one per actor when the cluster has GPUs);
   the others (crf_labels, random_walk, cam_eval) ask for CPUs only.
@@ -75,6 +77,29 @@ class StageActorImpl:
                 "builds": self.builds[key], "node_id": node, "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "resources": ray.get_runtime_context().get_assigned_resources()}
+
+    def train(self, name: str, cfg_json: dict, store_url: str) -> dict:
+        """A one-worker training stage in this actor's process (tasks.training.train_in_process). The pool's
+        other actors on this node stay idle meanwhile: their CPUs are the training's (see training_hosts)."""
+        import gc
+
+        from tasks.training import train_in_process
+
+        self.worker, self.key = None, None  # free the last per-image stage's models; the next one builds its own
+        gc.collect()
+        self._progress = {"done": 0, "total": 0}
+
+        def progress(done: int, total: int) -> None:
+            self._progress = {"done": int(done), "total": int(total)}
+
+        try:
+            return train_in_process(cfg_json, name, store_url, progress)
+        finally:
+            gc.collect()
+
+    def progress(self) -> dict:
+        """(done, total) steps of the training stage this actor runs (read by the driver during `train`)."""
+        return dict(getattr(self, "_progress", {"done": 0, "total": 0}))
 
     def ping(self) -> str:
         import ray
@@ -162,11 +187,83 @@ def get_pool(cfg: RunConfig, cpus: float, gpus: float, size: int) -> list:
             except Exception:  # noqa: BLE001 - dead
                 pass
         actors[:] = alive
-    cls = ray.remote(StageActorImpl).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                             scheduling_strategy="SPREAD")
+    cls = _actor_cls(cpus, gpus, "SPREAD")
     while len(actors) < size:
         actors.append(cls.remote())
     return actors[:size]
+
+
+def _actor_cls(cpus: float, gpus: float, strategy):
+    """The pool's actor class with its resources. Two calls at once (max_concurrency 2): the driver reads a
+    training stage's progress while `train` runs; it never sends an actor two shards at once."""
+    import ray
+
+    return ray.remote(StageActorImpl).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=2,
+                                              scheduling_strategy=strategy)
+
+
+def forget_actor(actor) -> None:
+    """Drop an actor from the run's pools (it was lost); the next stage starts a new one if needed."""
+    for actors in _POOLS.values():
+        actors[:] = [a for a in actors if a != actor]
+
+
+def training_hosts(cfg: RunConfig, cpus_needed: float, wait_s: float = 60.0) -> list | None:
+    """Actors of the run's CPU pool on one node that together hold `cpus_needed` CPUs (the pool grown on that
+    node if needed): the first one runs a one-worker training stage, the others stay idle meanwhile, so their
+    CPUs are the training's. The worker processes (torch and rca_core imported) then live for the whole run
+    instead of being started again around every training stage. None when no node can hold that many of the
+    pool's actors (the caller releases the pool and runs the stage as a Ray task). CPU-only training only: a
+    pooled actor's GPUs are its own share, not what a training worker asks for."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpus = float(cfg.ray.cpus_per_worker)
+    need = max(1, math.ceil(cpus_needed / cpus - 1e-9))
+    key = _pool_key(cpus, 0.0)
+    for k in [k for k in _POOLS if k != key]:  # a pool of another shape (GPU actors) cannot host it
+        for a in _POOLS.pop(k):
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    node_cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
+    by_node: dict[str, list] = {}
+    actors = _POOLS.setdefault(key, [])
+    if actors:
+        refs = [a.ping.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        alive = []
+        for a, r in zip(actors, refs):
+            try:
+                if r in ready:
+                    by_node.setdefault(ray.get(r), []).append(a)
+                    alive.append(a)
+            except Exception:  # noqa: BLE001 - dead since the last stage
+                pass
+        actors[:] = alive
+    here = ray.get_runtime_context().get_node_id()
+    fits = [n for n, c in node_cpus.items() if c + 1e-9 >= need * cpus]
+    if not fits:
+        return None
+    # the node that already has most of the pool; with no pool yet the driver's node, else any that fits
+    node = max(fits, key=lambda n: (len(by_node.get(n, [])), n == here))
+    hosts = by_node.get(node, [])[:need]
+    missing = need - len(hosts)
+    if missing and float(ray.available_resources().get("CPU", 0)) + 1e-9 < missing * cpus:
+        return None
+    if missing:
+        cls = _actor_cls(cpus, 0.0, NodeAffinitySchedulingStrategy(node, soft=False))
+        new = [cls.remote() for _ in range(missing)]
+        refs = [a.ping.remote() for a in new]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        if len(ready) < len(refs):  # the node's CPUs are held by other work: do not wait for them
+            for a in new:
+                ray.kill(a)
+            return None
+        actors.extend(new)
+        hosts = hosts + new
+    return hosts
 
 
 def _actor_lost(e: BaseException) -> bool:

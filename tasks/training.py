@@ -14,10 +14,15 @@ gloo on CPU, NCCL on GPU), on any nodes of the cluster.
   driver turns them into the stage's `workers` table.
 - Outputs (model files, tables) are written by rank 0 through the store's URL; the summary as
   files/train_summary.json. No Prefect call happens inside Ray workers.
-- One worker (`ray.num_workers: 1`, unless `ray.single_worker_group`): no worker group at all, the stage
-  runs as one Ray task with the worker's resources (about 15-20 s less per stage here, measured in
-  docs/benchmarks.md); it checkpoints into the stage's files/checkpoint.pt in the store every epoch, and
-  Ray retries the task (`ray.max_failures` times) on a lost worker or node, which resumes from there.
+- One worker (`ray.num_workers: 1`, unless `ray.single_worker_group`): no worker group at all (about 15-20 s
+  less per stage here, measured in docs/benchmarks.md); it checkpoints into the stage's files/checkpoint.pt in
+  the store every epoch. A CPU-only stage runs on one of the run's pooled per-image actors
+  (tasks.per_image.training_hosts: the pool's actors on one node that together hold the stage's CPUs; the
+  others stay idle meanwhile), so no worker process is started and the next per-image stage finds its pool
+  alive; progress is read from that actor. Otherwise (a GPU stage, or no node holds that many of the pool's
+  actors) the pool is released and the stage runs as one Ray task with the worker's resources. A lost pooled
+  actor, or the task's worker or node: the stage goes on as a Ray task (retried `ray.max_failures` times),
+  which resumes from the checkpoint.
 """
 from __future__ import annotations
 
@@ -78,6 +83,23 @@ class RayTrainCheckpointer(tu.Checkpointer):
 
     def describe(self) -> str:
         return f"Ray Train checkpoint (fallback {self.fallback.uri})"
+
+
+class _SlowCheckpointer(tu.Checkpointer):
+    """A checkpointer that waits after every save (RCA_FAULT_EPOCH_DELAY: tests kill a worker in between)."""
+
+    def __init__(self, inner: tu.Checkpointer, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def save(self, obj: dict | None, epoch: int, metrics: dict | None = None) -> None:
+        self.inner.save(obj, epoch, metrics)
+        time.sleep(self.delay)
+
+    def load(self) -> dict | None:
+        return self.inner.load()
+
+    def describe(self) -> str:
+        return self.inner.describe()
 
 
 def _progress_actor_cls():
@@ -148,8 +170,9 @@ def _register(store: ArtifactStore, name: str, cfg: RunConfig, rank: int) -> Non
          "pid": os.getpid(), "time": time.time()}).encode())
 
 
-def _train_task(cfg_json: dict, name: str, store_url: str, actor) -> dict:
-    """A training stage as one Ray task (one worker, no worker group): checkpoints in the store."""
+def train_in_process(cfg_json: dict, name: str, store_url: str, progress: Callable[[int, int], None]) -> dict:
+    """A training stage with one worker, in this Ray worker process (a task's or a pooled actor's):
+    checkpoints in the store (files/checkpoint.pt), summary as files/train_summary.json."""
     import ray
     import torch
 
@@ -157,12 +180,20 @@ def _train_task(cfg_json: dict, name: str, store_url: str, actor) -> dict:
     torch.set_num_threads(cfg.compute.threads or max(1, int(train_cpus(cfg))))
     store = ArtifactStore(store_url, cfg.storage, create=False)
     _register(store, name, cfg, 0)
-    ctx = make_context(name, cfg, store, progress=_progress_sender(actor, 0), generate=False)
+    ctx = make_context(name, cfg, store, progress=progress, generate=False)
     if ray.get_gpu_ids() and torch.cuda.is_available():
         ctx.device = torch.device("cuda")
+    delay = float(os.environ.get("RCA_FAULT_EPOCH_DELAY", "0"))  # fault-injection hook for reliability tests
+    if delay:
+        ctx.checkpoint = _SlowCheckpointer(ctx.checkpointer(), delay)
     summary = stage_module(name).train(cfg, ctx) or {}
     ctx.out.write_file(SUMMARY_FILE, json.dumps(summary, default=str).encode())
-    return {"node_id": ray.get_runtime_context().get_node_id()}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def _train_task(cfg_json: dict, name: str, store_url: str, actor) -> dict:
+    """A training stage as one Ray task (one worker, no worker group)."""
+    return train_in_process(cfg_json, name, store_url, _progress_sender(actor, 0))
 
 
 def pyarrow_storage(url: str, storage_cfg=None):
@@ -179,11 +210,13 @@ def pyarrow_storage(url: str, storage_cfg=None):
 
 def run_training_stage(name: str, cfg: RunConfig, store_url: str,
                        on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run (or resume) a training stage: on one of the run's pooled actors (one worker, CPU only, when the
+    pool's actors on one node hold the stage's CPUs), else as one Ray task (one worker) or a Ray Train worker
+    group (N workers), after releasing the per-image actors that hold the CPUs/GPUs they need."""
     import ray
 
-    from .per_image import release_pools
+    from .per_image import forget_actor, release_pools, training_hosts
 
-    release_pools()  # the per-image actors hold CPUs/GPUs that the worker group needs
     store = ArtifactStore(store_url, cfg.storage)
     plans = plan(cfg)
     out = store.stage(name, plans[name].fingerprint)
@@ -192,38 +225,69 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
     t0 = time.time()
     gpus = gpus_per_worker(cfg.ray)
     resources = {"CPU": train_cpus(cfg), **({"GPU": gpus} if gpus else {})}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    cfg_json = cfg.model_dump(mode="json")
+    one = cfg.ray.num_workers == 1 and not cfg.ray.single_worker_group
+    hosts = training_hosts(cfg, resources["CPU"]) if one and not gpus else None
+    source: list = [None]  # () -> ObjectRef of {"done", "total"}: what the progress watcher polls
+    extra: dict = {}
+    progress_actor = []
 
-    here = ray.get_runtime_context().get_node_id()  # on the driver's node: it outlives a lost worker node
-    actor = _progress_actor_cls().options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
-    if cfg.ray.num_workers == 1 and not cfg.ray.single_worker_group:
-        task = ray.remote(_train_task).options(num_cpus=resources["CPU"], num_gpus=gpus,
-                                                max_retries=cfg.ray.max_failures, retry_exceptions=False)
-        fit = lambda: ray.get(task.remote(cfg.model_dump(mode="json"), name, store_url, actor))  # noqa: E731
-        mode = "task"
-    else:
-        fit = _trainer(name, cfg, store_url, out, actor, gpus, resources).fit
-        mode = "ray_train"
+    def as_task() -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        release_pools()  # the per-image actors hold CPUs/GPUs that the task / worker group needs
+        here = ray.get_runtime_context().get_node_id()  # on the driver's node: it outlives a lost worker node
+        actor = _progress_actor_cls().options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+        progress_actor.append(actor)
+        source[0] = actor.get.remote
+        if one:
+            task = ray.remote(_train_task).options(num_cpus=resources["CPU"], num_gpus=gpus,
+                                                    max_retries=cfg.ray.max_failures, retry_exceptions=False)
+            ray.get(task.remote(cfg_json, name, store_url, actor))
+        else:
+            _trainer(name, cfg, store_url, out, actor, gpus, resources).fit()
+
+    def on_host() -> None:
+        host = hosts[0]
+        source[0] = host.progress.remote
+        try:
+            extra["host"] = ray.get(host.train.remote(name, cfg_json, store_url))
+        except Exception as e:  # noqa: BLE001
+            from .per_image import _actor_lost
+
+            if not _actor_lost(e) or cfg.ray.max_failures < 1:
+                raise
+            # the actor (its process or node) was lost: go on as a Ray task, which resumes from the checkpoint
+            forget_actor(host)
+            extra["lost"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            as_task()
+
+    mode = "pool" if hosts else ("task" if one else "ray_train")
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(actor, on_progress, stop), daemon=True)
+    watcher = threading.Thread(target=_watch_progress, args=(source, on_progress, stop), daemon=True)
     if on_progress:
         watcher.start()
     try:
-        fit()
+        on_host() if hosts else as_task()
     finally:
         stop.set()
         if watcher.is_alive():
             watcher.join(timeout=5)
         if on_progress:  # the last steps reported after the watcher's last poll (the line ends at N/N)
-            _poll_progress(actor, on_progress, None)
-        try:
-            ray.kill(actor)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+            _poll_progress(source, on_progress, None)
+        for actor in progress_actor:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
     summary = json.loads(out.read_file(SUMMARY_FILE))
     summary.setdefault("seconds", time.time() - t0)
     summary["train_workers"] = cfg.ray.num_workers
     summary["train_mode"] = mode
+    if "lost" in extra:  # the pooled actor was lost; the stage went on as a Ray task
+        summary["train_mode"], summary["host_lost"] = "pool, then task", extra["lost"]
+    if mode == "pool":
+        summary["host_actors"] = len(hosts)  # the pool's actors whose CPUs the training held
     rows = sorted((json.loads(out.read_file(f"workers/rank-{r}.json")) for r in range(cfg.ray.num_workers)
                    if out.has_file(f"workers/rank-{r}.json")), key=lambda r: r["rank"])
     if rows:
@@ -250,18 +314,21 @@ def _trainer(name: str, cfg: RunConfig, store_url: str, out, actor, gpus: float,
     )
 
 
-def _watch_progress(actor, on_progress: Callable[[int, int], None], stop: threading.Event) -> None:
+def _watch_progress(source: list, on_progress: Callable[[int, int], None], stop: threading.Event) -> None:
     last = None
     while not stop.wait(1.0):
-        last = _poll_progress(actor, on_progress, last)
+        last = _poll_progress(source, on_progress, last)
 
 
-def _poll_progress(actor, on_progress: Callable[[int, int], None], last):
-    """One read of the progress actor; calls on_progress when (done, total) changed. Returns the last seen."""
+def _poll_progress(source: list, on_progress: Callable[[int, int], None], last):
+    """One read of the stage's progress (source[0]: the progress actor's or the hosting actor's method); calls
+    on_progress when (done, total) changed. Returns the last seen."""
     import ray
 
+    if source[0] is None:
+        return last
     try:
-        p = ray.get(actor.get.remote(), timeout=10)
+        p = ray.get(source[0](), timeout=10)
     except Exception:  # noqa: BLE001 - the actor is gone at the end of the stage
         return last
     if p["total"] and (p["done"], p["total"]) != last:

@@ -103,3 +103,101 @@ def test_driver_reads_no_image_during_a_stage(cam_run, tmp_path, ray_with_a_gpu,
     again = run_per_image_stage("crf_labels", cfg, cfg.store)
     assert again["listed_at_start"] == again["images"] == s["images"] and again["recomputed_images"] == 0
     assert again["metrics"]["miou_all"] == s["metrics"]["miou_all"]
+
+
+@pytest.fixture
+def ray_two_cpus(request):
+    """A local Ray with 2 CPUs and no GPU; `RCA_FAULT_EPOCH_DELAY` for its workers from the test's marker."""
+    import ray
+
+    delay = getattr(request, "param", None)
+    env = {"env_vars": {"RCA_FAULT_EPOCH_DELAY": str(delay)}} if delay else None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    try:
+        yield ray
+    finally:
+        from tasks.per_image import release_pools
+
+        release_pools()
+        ray.shutdown()
+
+
+def _pids(cfg, stage) -> set[int]:
+    from rca_core.stages import plan
+    from rca_core.store import ArtifactStore
+
+    out = ArtifactStore(cfg.store).stage(stage, plan(cfg)[stage].fingerprint)
+    return set(out.manifest().column("pid").to_pylist())
+
+
+def _stage(cfg, name):
+    from rca_core.stages import plan
+    from rca_core.store import ArtifactStore
+
+    return ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint)
+
+
+def test_one_worker_training_runs_on_the_pool_which_lives_on(cam_run, tmp_path, ray_two_cpus):
+    """A one-worker CPU training stage runs in one of the run's pooled actors (no new worker process): the
+    pool's two 1-CPU actors hold its 2 CPUs; the per-image stage after it runs on the same processes, and the
+    trained weights are those of the same stage run in a plain loop."""
+    import torch
+
+    from rca_core.stages import run_stage
+    from rca_core.train_utils import load_torch
+    from tasks.per_image import run_per_image_stage
+    from tasks.training import run_training_stage
+
+    cfg = fresh_copy(cam_run, tmp_path, ["cam_train", "memory_build", "cam_infer"], num_workers=1,
+                     train_cpus_per_worker=2.0)
+    crf = run_per_image_stage("crf_labels", cfg, cfg.store)
+    pool = _pids(cfg, "crf_labels")
+    assert crf["actors"] == len(pool) == 2
+    aff = run_training_stage("affinity_train", cfg, cfg.store)
+    assert aff["train_mode"] == "pool" and aff["host_actors"] == 2, aff
+    host = _stage(cfg, "affinity_train").read_table("workers").column("pid").to_pylist()
+    assert len(host) == 1 and host[0] in pool
+    rw = run_per_image_stage("random_walk", cfg, cfg.store)
+    assert _pids(cfg, "random_walk") == pool and rw["worker_builds"] == rw["actors"] == 2
+
+    plain = fresh_copy(cam_run, tmp_path / "plain", ["cam_train", "memory_build", "cam_infer"])
+    copy_stages(cfg, plain, ["crf_labels"])
+    run_stage("affinity_train", plain, with_upstream=False, show_progress=False)
+    a, b = (load_torch(_stage(c, "affinity_train").file("model.pt")) for c in (cfg, plain))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "pool-trained weights differ"
+
+
+@pytest.mark.parametrize("ray_two_cpus", [3], indirect=True)
+def test_lost_pooled_actor_mid_training_goes_on_as_a_task_from_its_checkpoint(cam_run, tmp_path, ray_two_cpus):
+    """The pooled actor that trains is SIGKILLed after its first checkpoint: the stage goes on as a Ray task,
+    which resumes from that checkpoint (no finished epoch redone) and completes."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from tasks.per_image import run_per_image_stage
+    from tasks.training import run_training_stage
+
+    cfg = fresh_copy(cam_run, tmp_path, ["cam_train", "memory_build", "cam_infer"], num_workers=1,
+                     train_cpus_per_worker=2.0)
+    cfg.refine.affinity.epochs = 3
+    run_per_image_stage("crf_labels", cfg, cfg.store)
+    out = _stage(cfg, "affinity_train")
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(run_training_stage("affinity_train", cfg, cfg.store)))
+    th.start()
+    deadline = time.time() + 180
+    while not (out.has_file("checkpoint.pt") and out.has_file("workers/rank-0.json")):
+        assert time.time() < deadline and th.is_alive(), "no first checkpoint within 180 s"
+        time.sleep(0.2)
+    pid = json.loads(out.read_file("workers/rank-0.json"))["pid"]
+    assert pid in _pids(cfg, "crf_labels")  # a pooled actor: one this test's Ray started
+    os.kill(pid, signal.SIGKILL)
+    th.join(timeout=300)
+    assert not th.is_alive(), "the stage did not finish within 300 s"
+    assert result["train_mode"] == "pool, then task" and "host_lost" in result, result
+    assert result["resumed_from_epoch"] is not None and result["resumed_from_epoch"] >= 1, result
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
