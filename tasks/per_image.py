@@ -168,29 +168,47 @@ def get_pool(cfg: RunConfig, cpus: float, gpus: float, size: int) -> list:
     import ray
 
     key = _pool_key(cpus, gpus)
-    for k in [k for k in _POOLS if k != key]:
-        for a in _POOLS.pop(k):
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - an actor of an earlier Ray session
-                pass
-    actors = _POOLS.setdefault(key, [])
-    if actors:  # drop actors that died since the last stage (lost node or process)
-        pings = [a.ping.remote() for a in actors]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=30)
-        alive = []
-        for a, p in zip(actors, pings):
-            try:
-                if p in ready:
-                    ray.get(p)
-                    alive.append(a)
-            except Exception:  # noqa: BLE001 - dead
-                pass
-        actors[:] = alive
+    actors = _keep_pool(key)
+    _alive_by_node(actors)
     cls = _actor_cls(cpus, gpus, "SPREAD")
     while len(actors) < size:
         actors.append(cls.remote())
     return actors[:size]
+
+
+def _keep_pool(key: tuple) -> list:
+    """The run's pool of this shape (created empty); pools of other shapes are released."""
+    import ray
+
+    for k in [k for k in _POOLS if k != key]:
+        for a in _POOLS.pop(k):
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone, or an actor of an earlier Ray session
+                pass
+    return _POOLS.setdefault(key, [])
+
+
+def _alive_by_node(actors: list, wait_s: float = 30.0) -> dict[str, list]:
+    """Drop from `actors` (in place) those that died since the last stage (lost node or process); the live
+    ones by node id."""
+    import ray
+
+    by_node: dict[str, list] = {}
+    if not actors:
+        return by_node
+    pings = [a.ping.remote() for a in actors]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait_s)
+    alive = []
+    for a, p in zip(actors, pings):
+        try:
+            if p in ready:
+                by_node.setdefault(ray.get(p), []).append(a)
+                alive.append(a)
+        except Exception:  # noqa: BLE001 - dead
+            pass
+    actors[:] = alive
+    return by_node
 
 
 def _actor_cls(cpus: float, gpus: float, strategy):
@@ -220,28 +238,9 @@ def training_hosts(cfg: RunConfig, cpus_needed: float, wait_s: float = 60.0) -> 
 
     cpus = float(cfg.ray.cpus_per_worker)
     need = max(1, math.ceil(cpus_needed / cpus - 1e-9))
-    key = _pool_key(cpus, 0.0)
-    for k in [k for k in _POOLS if k != key]:  # a pool of another shape (GPU actors) cannot host it
-        for a in _POOLS.pop(k):
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+    actors = _keep_pool(_pool_key(cpus, 0.0))  # a pool of another shape (GPU actors) cannot host it
+    by_node = _alive_by_node(actors, wait_s)
     node_cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
-    by_node: dict[str, list] = {}
-    actors = _POOLS.setdefault(key, [])
-    if actors:
-        refs = [a.ping.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
-        alive = []
-        for a, r in zip(actors, refs):
-            try:
-                if r in ready:
-                    by_node.setdefault(ray.get(r), []).append(a)
-                    alive.append(a)
-            except Exception:  # noqa: BLE001 - dead since the last stage
-                pass
-        actors[:] = alive
     here = ray.get_runtime_context().get_node_id()
     fits = [n for n, c in node_cpus.items() if c + 1e-9 >= need * cpus]
     if not fits:

@@ -251,7 +251,7 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
         host = hosts[0]
         source[0] = host.progress.remote
         try:
-            extra["host"] = ray.get(host.train.remote(name, cfg_json, store_url))
+            ray.get(host.train.remote(name, cfg_json, store_url))
         except Exception as e:  # noqa: BLE001
             from .per_image import _actor_lost
 
