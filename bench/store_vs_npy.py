@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="rounds of every layout; the table shows medians")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--note", default="", help="a remark appended to the notes")
     args = ap.parse_args()
     cams = make_cams(args.images)
     ids = [f"img_{i:05d}" for i in range(len(cams))]
@@ -133,7 +134,7 @@ def main():
     report("Artifact store vs .npy per image (CAMs)", rows, result, args.json, append=not args.no_append,
            notes=f"{len(cams)} VOC-sized CAMs (300-500 px, 1-3 classes), {raw_mib:.0f} MiB as float32; medians of "
                  f"{args.repeats} rounds (total_min_s/total_max_s: the spread of write+read). Time ratio (write+read) "
-                 f"store/npy: uint8 {t8:.2f}, float16 {t16:.2f}; size ratio npy/store: uint8 {s8:.1f}, float16 {s16:.1f}.")
+                 f"store/npy: uint8 {t8:.2f}, float16 {t16:.2f}; size ratio npy/store: uint8 {s8:.1f}, float16 {s16:.1f}." + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ see the store fails naming the store and the host instead of silently creating a
 Who writes what (Zarr's concurrency contract): the driver calls `prepare` (group metadata),
 `put_array`, `write_manifest`, `mark_complete`; a worker only creates and writes the arrays of the
 images it owns (`write`). An image counts as done only once each of its arrays carries a checksum
-marker in its attrs (its zarr.json, written after the data; locally through a temporary file and a
-rename, so a killed writer never leaves half a zarr.json, at most a torn chunk that fails the checksum). `read` verifies that checksum, so a damaged
+marker in its attrs (its zarr.json, written after the data: a killed writer leaves at most a torn chunk that
+fails the checksum, or a torn zarr.json that does not parse). `read` verifies that checksum, so a damaged
 entry raises DamagedEntryError instead of being silently used, and `pending(verify=True)` sends it
 back for recomputation.
 """
@@ -42,7 +42,8 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from rca_core import one_chunk
 from rca_core import storage as io_
 
-MARKER = "rca_crc32"
+MARKER = "rca_crc32"  # CRC-32 of the array's bytes (put_array, and per-image forms one_chunk does not take)
+CHUNK_MARKER = "rca_crc32_chunk"  # CRC-32 of the one chunk file's bytes (per-image arrays; checked before decoding)
 WRITE_BEHIND_THREADS = 4  # images written at once behind the one being computed (object storage: ~50 ms each)
 WRITE_BEHIND_DEPTH = 2 * WRITE_BEHIND_THREADS  # images queued for writing at most
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -71,6 +72,11 @@ def check_image_id(image_id: str) -> str:
     if not isinstance(image_id, str) or not _ID_RE.match(image_id) or ".." in image_id:
         raise StoreError(f"invalid image id {image_id!r}: only letters, digits, '_', '-', '.' are allowed (no '/', no '..')")
     return image_id
+
+
+def has_marker(attrs: dict) -> bool:
+    """Whether an array's attributes carry a checksum marker (its write was finished)."""
+    return CHUNK_MARKER in attrs or MARKER in attrs
 
 
 def checksum(arr: np.ndarray) -> int:
@@ -224,7 +230,7 @@ class StageOutput:
     def has_array(self, name: str) -> bool:
         try:
             z = zarr.open_array(self.store.zstore, path=f"{self.key}/_arrays/{name}", mode="r")
-            return MARKER in z.attrs
+            return has_marker(dict(z.attrs))
         except Exception:
             return False
 
@@ -328,14 +334,21 @@ class StageOutput:
         base = self.store.loc.join(path)
         meta = files.pop("zarr.json")
         if self.store.is_local:
-            # the chunk in place, the metadata atomically (temp + rename) after it: a killed writer leaves at most
-            # a torn chunk, whose checksum no longer matches the marker, so the entry reads as damaged and is redone
-            # (one rename per entry instead of two; measured in docs/benchmarks.md, "Artifact store vs .npy")
-            os.makedirs(base, exist_ok=True)
+            # the chunk, then the metadata, both in place: a killed writer leaves a torn chunk (its checksum no
+            # longer matches the marker) or a torn zarr.json (not JSON, or no marker in it), so the entry reads as
+            # damaged and is redone; no temporary file + rename (measured in docs/benchmarks.md, "Artifact store vs
+            # .npy": a tenth of a millisecond per entry)
+            try:
+                os.mkdir(base)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # the field's folder is not there yet
+                os.makedirs(base, exist_ok=True)
             for rel, data in files.items():  # the chunk key has no folders (one_chunk.CHUNK_KEY_ENCODING)
                 with open(f"{base}/{rel}", "wb") as f:
                     f.write(data)
-            io_.FileRef(fs, f"{base}/zarr.json", f"{base}/zarr.json").write_bytes(meta)
+            with open(f"{base}/zarr.json", "wb") as f:
+                f.write(meta)
             return
         obj = self._objects()
         if obj is not None:  # obstore: the chunk, then the metadata that carries the marker
@@ -364,17 +377,23 @@ class StageOutput:
         except Exception as e:
             raise DamagedEntryError(self.key, name, field, f"missing or unreadable metadata ({type(e).__name__})") from e
         attrs = dict(meta.get("attributes") or {})
-        if MARKER not in attrs:
+        if not has_marker(attrs):
             raise DamagedEntryError(self.key, name, field, "write was not finished (no checksum marker)")
+        if CHUNK_MARKER in attrs:  # the chunk file's bytes are checked before they are decoded
+            if chunk is None:
+                raise DamagedEntryError(self.key, name, field, "chunk file missing")
+            if zlib.crc32(chunk) != attrs.pop(CHUNK_MARKER):
+                raise DamagedEntryError(self.key, name, field, "checksum mismatch")
+            attrs.pop(MARKER, None)
         try:
             arr = one_chunk.decode(meta, chunk)
             if arr is None:  # not the store's own one-chunk form: let zarr-python read it
                 arr = zarr.open_array(self.store.zstore, path=f"{self.key}/{rel}", mode="r")[...]
         except Exception as e:
             raise DamagedEntryError(self.key, name, field, f"unreadable data ({type(e).__name__}: {e})") from e
-        if checksum(arr) != attrs[MARKER]:
-            raise DamagedEntryError(self.key, name, field, "checksum mismatch")
-        attrs.pop(MARKER)
+        if MARKER in attrs:  # entries of older stores and of the forms zarr-python writes: the array's bytes
+            if checksum(arr) != attrs.pop(MARKER):
+                raise DamagedEntryError(self.key, name, field, "checksum mismatch")
         return arr, attrs
 
     def _fetch(self, rel: str, field: str) -> tuple[dict, bytes | None]:
@@ -441,7 +460,7 @@ class StageOutput:
             else:
                 try:
                     raw = self.store.loc.fs.cat_file(self.store.loc.join(self.key, field, image_id, "zarr.json"))
-                    if MARKER not in (one_chunk.parse_meta(raw).get("attributes") or {}):
+                    if not has_marker(one_chunk.parse_meta(raw).get("attributes") or {}):
                         return False
                 except Exception:
                     return False
@@ -582,14 +601,15 @@ def _not_found(e: BaseException) -> bool:
 
 
 def encode_array(arr: np.ndarray, attrs: dict | None = None) -> dict[str, bytes]:
-    """The files of a one-chunk Zarr v3 array (COMPRESSORS) holding `arr`, with `attrs` and the checksum marker in
-    its attributes: {"zarr.json": ..., "c.0.0": ...}, the bytes zarr-python writes (rca_core.one_chunk; zarr-python
-    itself encodes the forms that module does not take)."""
+    """The files of a one-chunk Zarr v3 array (COMPRESSORS) holding `arr`, with `attrs` and a checksum marker in
+    its attributes: {"zarr.json": ..., "c.0.0": ...}, the bytes zarr-python writes (rca_core.one_chunk), the marker
+    the CRC-32 of the chunk file (CHUNK_MARKER: 5x fewer bytes than the array's for a CAM, and checked before
+    decoding). The forms one_chunk does not take go through zarr-python, marked with the array's CRC-32 (MARKER)."""
     arr = np.ascontiguousarray(arr)
-    attributes = {**dict(attrs or {}), MARKER: checksum(arr)}
-    fast = one_chunk.encode(arr, attributes, COMPRESSORS)
+    fast = one_chunk.encode(arr, dict(attrs or {}), COMPRESSORS, chunk_marker=CHUNK_MARKER)
     if fast is not None:
         return fast
+    attributes = {**dict(attrs or {}), MARKER: checksum(arr)}
     files: dict = {}
     z = zarr.create_array(zarr.storage.MemoryStore(store_dict=files), shape=arr.shape, dtype=arr.dtype,
                           chunks=_whole_chunks(arr.shape), compressors=COMPRESSORS,

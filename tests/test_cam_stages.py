@@ -122,6 +122,12 @@ def test_uint8_cams_round_trip_within_half_a_step_and_every_reader_decodes_them(
     assert q.dtype == np.uint8 and q[0, 0, 0] == 255 and q[1, 0, 0] == 0
     assert np.abs(decode_cam(q) - cam).max() <= 0.5 / 255 + 1e-7
     assert np.array_equal(decode_cam(encode_cam(cam, "float16")), cam.astype(np.float16).astype(np.float32))
+    every = np.arange(256, dtype=np.uint8)  # every stored value decodes to float32(x) * float32(1/255), bit for bit,
+    ref = every.astype(np.float32) * np.float32(1.0 / 255.0)  # from any layout (strided, read-only)
+    assert np.array_equal(decode_cam(every), ref) and decode_cam(every).dtype == np.float32
+    strided = np.stack([every, every])[:, ::3]
+    ro = every.copy(); ro.flags.writeable = False
+    assert np.array_equal(decode_cam(strided), ref[::3][None].repeat(2, 0)) and np.array_equal(decode_cam(ro), ref)
     with pytest.raises(ValueError, match="cam_infer.dtype"):
         encode_cam(cam, "int8")
     out = ArtifactStore(tmp_path / "s").stage("cam_infer", "x").prepare(["cam"])
