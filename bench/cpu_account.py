@@ -3,7 +3,8 @@
 A background thread samples /proc/<pid>/stat (utime + stime) of every process twice a second and keeps the
 growth of each one since the sampler started; processes are put into groups by their command line: the
 benchmark's own child (the driver), Ray worker processes (`ray::...` titles), Ray's system processes (raylet,
-GCS, dashboard, monitors, agents), the Prefect server (the process tree of a given pid) and everything else.
+GCS, dashboard, monitors, agents), the Prefect server (the process tree of a given pid), a SeaweedFS S3
+server (`weed`) and everything else.
 The machine-wide figures come from /proc/stat (busy, idle and steal seconds), so what the sampler missed (a
 process that lived less than one interval) shows as the difference between the busy total and the groups' sum.
 """
@@ -94,6 +95,8 @@ class CpuSampler:
             return "ray workers (ray::...)"
         if self._descends_from_prefect_server(pid):
             return "prefect server"
+        if Path(cmd.split(" ", 1)[0]).name == "weed":
+            return "s3 server (SeaweedFS)"
         if any(k in cmd for k in RAY_SYSTEM):
             return "ray system (raylet, gcs, dashboard, agents)"
         if pid == str(os.getpid()):

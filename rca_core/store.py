@@ -173,11 +173,11 @@ class StageOutput:
         self._write_failed = False
         self._prefetched: dict = {}  # (image_id, field) -> Future of read(), filled by prefetch()
         self._chunk_keys: dict = {}  # field -> its arrays' chunk key (both files of an entry in one round trip)
-        self._obj = (None, None)     # (pid, obstore client or None): the object-storage fast path, per process
+        self.object_fast_path = True  # False: per-image entries through fsspec even where obstore could serve
 
     def __getstate__(self):  # picklable (DataLoader workers, Ray): no threads, no futures
         d = dict(self.__dict__)
-        d.update(_writer=None, _pending=[], _prefetched={}, _obj=(None, None))
+        d.update(_writer=None, _pending=[], _prefetched={})
         return d
 
     # ---------------------------------------------------------------- driver side
@@ -314,13 +314,9 @@ class StageOutput:
 
     def _objects(self):
         """The obstore client of an s3:// store in this process (None: local, or the fsspec path serves)."""
-        if self.store.is_local:
+        if self.store.is_local or not self.object_fast_path:
             return None
-        pid, obj = self._obj
-        if pid != os.getpid():  # made per process: a forked child must not share the parent's runtime
-            obj = io_.object_store(self.store.url, self.store.storage)
-            self._obj = (os.getpid(), obj)
-        return obj
+        return io_.process_object_store(self.store.url, self.store.storage)
 
     def _object_key(self, path: str) -> str:
         return path.split("/", 1)[1]  # fsspec paths start with the bucket
@@ -404,13 +400,13 @@ class StageOutput:
         base = self.store.loc.join(self.key, rel)
         chunk = self._chunk_keys.get(field)
         if chunk is None:
-            meta = one_chunk.parse_meta(fs.cat_file(f"{base}/zarr.json"))
+            meta = one_chunk.parse_meta(io_.cat_file(fs, f"{base}/zarr.json"))
             form = one_chunk.simple_form(meta)
             if form is None:  # not the one-chunk form: zarr-python reads it (the caller)
                 return meta, None
             self._chunk_keys[field] = form[2]
             try:
-                return meta, fs.cat_file(f"{base}/{form[2]}")
+                return meta, io_.cat_file(fs, f"{base}/{form[2]}")
             except FileNotFoundError:
                 return meta, None
         got = self._get_both(f"{base}/zarr.json", f"{base}/{chunk}")
@@ -428,8 +424,9 @@ class StageOutput:
     def _get_both(self, meta_path: str, chunk_path: str) -> dict:
         """{path: bytes or the exception} of both files of an entry, fetched concurrently."""
         obj = self._objects()
+        fs = self.store.loc.fs
         if obj is None:
-            return self.store.loc.fs.cat([meta_path, chunk_path], on_error="return")
+            return fs.cat([meta_path, chunk_path], on_error="return", **io_.one_read_kwargs(fs))
         import asyncio
 
         import obstore
@@ -447,7 +444,7 @@ class StageOutput:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop in this thread (the usual case: workers, I/O threads)
             return dict(zip((meta_path, chunk_path), asyncio.run(both())))
-        return self.store.loc.fs.cat([meta_path, chunk_path], on_error="return")
+        return fs.cat([meta_path, chunk_path], on_error="return", **io_.one_read_kwargs(fs))
 
     def is_done(self, image_id: str, verify: bool = False) -> bool:
         fields = self.fields
@@ -459,7 +456,7 @@ class StageOutput:
                     return False
             else:
                 try:
-                    raw = self.store.loc.fs.cat_file(self.store.loc.join(self.key, field, image_id, "zarr.json"))
+                    raw = io_.cat_file(self.store.loc.fs, self.store.loc.join(self.key, field, image_id, "zarr.json"))
                     if not has_marker(one_chunk.parse_meta(raw).get("attributes") or {}):
                         return False
                 except Exception:

@@ -57,6 +57,7 @@ class StageActorImpl:
             self._cfg_json, self._cfg = cfg_json, RunConfig.model_validate(cfg_json)
         cfg = self._cfg
         key = (name, plan(cfg)[name].fingerprint, store_url)
+        t_build, build_s = time.perf_counter(), 0.0
         if self.key != key:
             self.worker = None  # free the previous stage's models first
             torch.set_num_threads(cfg.compute.threads or max(1, int(cfg.ray.cpus_per_worker)))
@@ -67,6 +68,7 @@ class StageActorImpl:
             self.worker = stage_module(name).Worker(cfg, ctx)
             self.key = key
             self.builds[key] = self.builds.get(key, 0) + 1
+            build_s = time.perf_counter() - t_build
         worker = self.worker
         delay = float(os.environ.get("RCA_FAULT_IMAGE_DELAY", "0"))  # fault-injection hook for reliability tests
         node = ray.get_runtime_context().get_node_id()
@@ -74,7 +76,7 @@ class StageActorImpl:
                               on_done=(lambda done, total: time.sleep(delay)) if delay else None)
         rows = [{**row, "node_id": node, "pid": os.getpid()} for row in rows]
         return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None,
-                "builds": self.builds[key], "node_id": node, "pid": os.getpid(),
+                "builds": self.builds[key], "build_seconds": build_s, "node_id": node, "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "resources": ray.get_runtime_context().get_assigned_resources()}
 
@@ -313,6 +315,7 @@ def _run_shards(actors: list, shards: list[list[str]], call, lost: list, max_req
 def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
                         on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Run (or resume) one per-image stage across the actor pool; returns its summary."""
+    t_start = time.time()
     mod = stage_module(name)
     store = ArtifactStore(store_url, cfg.storage)
     plans = plan(cfg)
@@ -335,6 +338,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
         on_progress(0, total)
     nodes: set[str] = set()
     builds: dict[tuple, int] = {}
+    build_seconds: list[float] = []
     parts, gpu_ids, assigned = [], set(), set()
     manifest_has = None
     lost: list[str] = []
@@ -346,8 +350,12 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
         maybe = [i for i in shard if i in listed] if tries == 0 else None
         return actor.run.remote(name, cfg_json, store_url, shard, maybe)
 
+    t_shards = time.time()
+    busy: dict[str, float] = {}
     for res in _run_shards(actors, shards, call, lost, replace=replace):
         rows = res["rows"]
+        for r in rows:
+            busy[r["node_id"]] = busy.get(r["node_id"], 0.0) + float(r.get("seconds") or 0.0)
         if any(r["status"] == KEPT for r in rows):  # kept images: rows only where the manifest lacks them
             if manifest_has is None:  # read once per stage, not per image
                 manifest_has = set(out.manifest().column("image_id").to_pylist())
@@ -356,6 +364,7 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
         nodes.update(r["node_id"] for r in res["rows"])
         computed += sum(r["status"] != KEPT for r in res["rows"])
         builds[(res["node_id"], res["pid"])] = res["builds"]
+        build_seconds.append(res["build_seconds"])
         gpu_ids.update(res["gpu_ids"])
         assigned.add(float(res["resources"].get("GPU", 0.0)))
         if res["partial"] is not None:
@@ -363,14 +372,20 @@ def run_per_image_stage(name: str, cfg: RunConfig, store_url: str,
         done_images += len(res["rows"])
         if on_progress:
             on_progress(done_images, total)
+    t_final = time.time()
     summary = dict(mod.finalize(cfg, ctx, parts) or {})
     summary.setdefault("images", total)
+    # where the stage's wall time went: the driver before the first shard (data set, preflight, listing, pool),
+    # the shards, the driver's merge after them; and per node the seconds its actors spent on images
+    summary["phase_seconds"] = {"setup": t_shards - t_start, "shards": t_final - t_shards, "finalize": time.time() - t_final}
+    summary["image_seconds_by_node"] = busy
     summary["recomputed_images"] = computed
     summary["listed_at_start"] = len(listed)
     summary["shards"] = len(shards)
     summary["actors"] = len(actors)
     summary["actors_lost"] = len(lost)
     summary["worker_builds"] = sum(builds.values())
+    summary["worker_build_seconds"] = max(build_seconds, default=0.0)  # the slowest actor's model build
     summary["actor_resources"] = {"CPU": cpus, "GPU": gpus}  # asked for
     summary["assigned_gpus"] = sorted(assigned)              # what the actors got (Ray's assigned resources)
     summary["nodes"] = len(nodes)

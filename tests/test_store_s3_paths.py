@@ -35,7 +35,8 @@ def test_obstore_and_s3fs_write_the_same_objects_and_read_each_other(s3, monkeyp
     fast = ArtifactStore("s3://paths/run").stage("cam_infer", "fp").prepare(["cam"])
     assert fast._objects() is not None  # a key in the environment: obstore serves per-image entries
     slow = ArtifactStore("s3://paths/run").stage("cam_infer", "fp")
-    slow._obj = (os.getpid(), None)     # this handle: the fsspec path
+    slow.object_fast_path = False       # this handle: the fsspec path
+    assert slow._objects() is None
     cam = np.random.default_rng(0).integers(0, 256, (2, 37, 51)).astype(np.uint8)
     fast.write("a", {"cam": cam}, attrs={"classes": [3, 7]})
     slow.write("b", {"cam": cam}, attrs={"classes": [3, 7]})
@@ -56,3 +57,56 @@ def test_obstore_and_s3fs_write_the_same_objects_and_read_each_other(s3, monkeyp
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     assert storage.object_store("s3://paths/run") is None
     assert storage.object_store("gs://bucket/run") is None and storage.object_store("/tmp/x") is None
+
+
+def _count_requests(monkeypatch) -> dict:
+    """Count the S3 requests of this process by kind: s3fs's calls and obstore's GETs."""
+    import collections
+
+    import obstore
+    import s3fs.core
+
+    counts: dict = collections.Counter()
+    call = s3fs.core.S3FileSystem._call_s3
+
+    async def counted(self, method, *a, **k):
+        counts[getattr(method, "__name__", str(method))] += 1
+        return await call(self, method, *a, **k)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", counted)
+    get = obstore.get
+    monkeypatch.setattr(obstore, "get", lambda *a, **k: (counts.update(["obstore get"]), get(*a, **k))[1])
+    return counts
+
+
+@pytest.mark.parametrize("client", ["obstore", "s3fs"])
+def test_data_set_on_s3_reads_each_file_with_one_request(s3, tmp_path, monkeypatch, client):
+    """An image and its mask on S3 cost one GET each: no size request before the GET (s3fs asks for one unless
+    told not to split the read), and the mask's size check uses the size of the image just decoded instead of
+    reading the image again. With a key in the environment the GETs go through obstore, else through s3fs."""
+    from test_data_voc import IDS, write_tree
+
+    from rca_core import storage
+    from rca_core.data.voc import DataError, VOCDataset
+
+    masks = write_tree(tmp_path / "voc", "SegmentationClassAug")
+    storage.upload_tree(tmp_path / "voc", f"s3://paths/voc-{client}")
+    if client == "s3fs":  # no key in the environment: obstore does not serve, s3fs resolves the credentials
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+        (tmp_path / "credentials").write_text(f"[default]\naws_access_key_id = {os.environ['AWS_ACCESS_KEY_ID']}\n"
+                                              f"aws_secret_access_key = {os.environ['AWS_SECRET_ACCESS_KEY']}\n")
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    ds = VOCDataset(f"s3://paths/voc-{client}")
+    counts = _count_requests(monkeypatch)
+    for iid in IDS:
+        img = ds.image(iid)
+        assert np.array_equal(ds.mask(iid), masks[iid]) and img.shape[:2] == masks[iid].shape
+    gets = counts.pop("obstore get" if client == "obstore" else "get_object", 0)
+    listings = counts.pop("list_objects_v2", 0)  # the mask folder, listed once for every image
+    assert gets == 2 * len(IDS) and listings <= 1 and not counts, (gets, listings, dict(counts))
+    # a mask that does not fit its image is still refused (the size comes from the decoded image)
+    storage.write_bytes(f"s3://paths/voc-{client}/SegmentationClassAug/{IDS[1]}.png",
+                        (tmp_path / "voc" / "SegmentationClassAug" / f"{IDS[0]}.png").read_bytes())
+    with pytest.raises(DataError, match=IDS[1]):
+        VOCDataset(f"s3://paths/voc-{client}").mask(IDS[1])

@@ -203,6 +203,7 @@ class VOCDataset:
         self.ids: list[str] = ids
         self._listings: dict[str, dict[str, str]] = {}
         self._prefetched: dict = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # (H, W) of images read or measured so far
         if check_files:
             for i in ids:
                 self.image_path(i)
@@ -283,9 +284,11 @@ class VOCDataset:
             return False
 
     def _open(self, path):
+        """A readable file: local files opened in place; a remote file fetched whole into memory with one GET
+        (storage.fetch; fsspec's open asks for the object's size first: a HEAD, then the GET)."""
         if not self.is_remote:
             return open(path, "rb")
-        return self.fs.open(str(path).split("://", 1)[1], "rb")
+        return io.BytesIO(storage.fetch(self.fs, str(path).split("://", 1)[1], self.location, self.storage_options))
 
     # ---------------------------------------------------------------------------------- data
     def prefetch(self, kind: str, image_id: str, executor) -> None:
@@ -313,28 +316,41 @@ class VOCDataset:
         try:
             with self._open(path) as f, Image.open(f) as im:
                 im.load()  # decode now: a truncated file fails here
-                return np.array(im.convert("RGB"), dtype=np.uint8)
+                out = np.array(im.convert("RGB"), dtype=np.uint8)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {self._id(i)!r} ({path}): {e}") from None
+        self._sizes[self._id(i)] = out.shape[:2]
+        return out
 
     def size(self, i) -> tuple[int, int]:
-        """(H, W) from the image header, without decoding."""
+        """(H, W) from the image header, without decoding (remembered from a decoded image: the mask check of an
+        image just read costs no second read)."""
+        iid = self._id(i)
+        if iid in self._sizes:
+            return self._sizes[iid]
         path = self.image_path(i)
         try:
             with self._open(path) as f, Image.open(f) as im:
                 w, h = im.size
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read image {self._id(i)!r} ({path}): {e}") from None
+            raise DataError(f"cannot read image {iid!r} ({path}): {e}") from None
+        self._sizes[iid] = (h, w)
         return h, w
 
     def mask(self, i) -> np.ndarray:
         """(H, W) uint8 class ids, 255 = ignore. Checked against the image size and the class list."""
-        fut = self._prefetched.pop(("mask", self._id(i)), None) if self._prefetched else None
-        if fut is not None:
-            return fut.result()
-        return self._read_mask(i)
+        iid = self._id(i)
+        fut = self._prefetched.pop(("mask", iid), None) if self._prefetched else None
+        m, path = fut.result() if fut is not None else self._read_mask(iid)
+        # checked here, not on the prefetch thread: the image is usually decoded by now, so its size is known
+        # without reading it again
+        hw = self.size(iid)
+        if m.shape != hw:
+            raise DataError(f"mask of image {iid!r} ({path}) is {m.shape[0]}x{m.shape[1]} but the image is {hw[0]}x{hw[1]}")
+        return m
 
-    def _read_mask(self, i) -> np.ndarray:
+    def _read_mask(self, i) -> tuple[np.ndarray, str | Path]:
+        """(the mask, checked against the class list; its path)."""
         iid = self._id(i)
         path = self.mask_path(iid)
         try:
@@ -343,14 +359,11 @@ class VOCDataset:
             raise DataError(f"cannot read mask {path}: {e}") from None
         with f:
             m = read_mask_file(path, f)
-        hw = self.size(iid)
-        if m.shape != hw:
-            raise DataError(f"mask of image {iid!r} ({path}) is {m.shape[0]}x{m.shape[1]} but the image is {hw[0]}x{hw[1]}")
         bad = np.unique(m[(m >= self.num_classes) & (m != 255)])
         if bad.size:
             raise DataError(f"mask of image {iid!r} ({path}) has class value {int(bad[0])} outside "
                             f"0..{self.num_classes - 1} (and not 255 = ignore)")
-        return m
+        return m, path
 
     def tags(self, i) -> list[int]:
         """Foreground class ids (1-based) present in the image: from the labels file, else the mask."""

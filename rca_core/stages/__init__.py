@@ -283,8 +283,9 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
     worker's `account(image_id)` folds its stored output into the stage's statistics), a damaged or missing
     one is computed.
     I/O overlaps compute: the inputs named by the stage's PREFETCH ("image", "mask", "<stage>/<field>") of the
-    next `lookahead` images are read and decoded on background threads while the current one is computed,
-    and with `out`, writes go out on background threads (StageOutput.write_behind)."""
+    next `lookahead` images are read and decoded on background threads while the current one is computed ("mask"
+    only for the images the stage scores), and with `out`, writes go out on background threads
+    (StageOutput.write_behind)."""
     import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -306,6 +307,8 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
             if ctx is None or k >= len(todo):
                 return
             for spec in prefetch:
+                if spec == "mask" and not _scored(ctx, todo[k]):
+                    continue  # masks are read for the images a stage scores only
                 if spec in ("image", "mask"):
                     ctx.dataset.prefetch(spec, todo[k], pool)
                 else:
@@ -337,6 +340,16 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
                 inp.drop_prefetched()
         pool.shutdown(wait=True, cancel_futures=True)
     return rows
+
+
+def _scored(ctx: StageContext, image_id: str) -> bool:
+    """Whether a stage reads this image's ground-truth mask: an image of the evaluation subset (all of the split
+    when it is the evaluation split) that has a mask (LabelScorer.wants)."""
+    eval_ids = ctx.extra.get("eval_ids")
+    if eval_ids is not None and image_id not in eval_ids:
+        return False
+    has_mask = getattr(ctx.dataset, "has_mask", None)
+    return has_mask is None or has_mask(image_id)
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",

@@ -18,7 +18,7 @@ STAGE = "crf_labels"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer",)
 FIELDS = ["crf_label"]
-PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+PREFETCH = ("image", "cam_infer/cam", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 

@@ -27,7 +27,7 @@ STAGE = "random_walk"
 CODE_VERSION = "1"
 INPUTS = ("cam_infer", "affinity_train")
 FIELDS = ["pseudo_mask"]
-PREFETCH = ("image", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
+PREFETCH = ("image", "cam_infer/cam", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
 USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 

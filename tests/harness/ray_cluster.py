@@ -102,8 +102,12 @@ class TwoNodeCluster:
     def __init__(self, workdir: str | os.PathLike, hidden_dirs: list[str | os.PathLike] = (), head_cpus: int = 2,
                  node2_cpus: int = 1, env: dict[str, str] | None = None,
                  object_store_memory: int = 128 * 1024 ** 2, head_timeout: float = 90.0,
-                 node2_timeout: float = 60.0, stop_timeout: float = 20.0):
+                 node2_timeout: float = 60.0, stop_timeout: float = 20.0,
+                 cpu_sets: tuple[str, str] | None = None):
         self.workdir = Path(workdir).absolute()
+        # (head, node 2) processor lists for taskset, e.g. ("0", "1"): each node's processes (raylet, GCS on the
+        # head, workers) run on its own cores only, as on two machines; None: both float over the host's cores
+        self.cpu_sets = cpu_sets
         self.hidden_dirs = [Path(d).absolute() for d in hidden_dirs]
         self.head_cpus, self.node2_cpus = head_cpus, node2_cpus
         self.extra_env = dict(env or {})
@@ -174,6 +178,15 @@ class TwoNodeCluster:
                      "--dashboard-host=127.0.0.1"]
             self._head_env = {"DASHBOARD_METRIC_PORT": str(ports[8]), "AUTOSCALER_METRIC_PORT": str(ports[9])}
         return args
+
+    def _pin(self, node: int) -> list[str]:
+        """The taskset prefix of a node's `ray start` (its children inherit the CPU affinity); [] unpinned."""
+        if not self.cpu_sets:
+            return []
+        taskset = shutil.which("taskset")
+        if taskset is None:
+            raise RuntimeError("cpu_sets needs `taskset` (util-linux)")
+        return [taskset, "-c", self.cpu_sets[node]]
 
     def _common_args(self, temp_dir: Path, cpus: int, resource: str) -> list[str]:
         return ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
@@ -267,7 +280,7 @@ class TwoNodeCluster:
         self._taken.add(self.gcs_port)
         temp = self._temp_root() / "head"
         temp.mkdir(parents=True, exist_ok=True)
-        cmd = [RAY, "start", "--head", f"--port={self.gcs_port}", "--include-dashboard=false",
+        cmd = [*self._pin(0), RAY, "start", "--head", f"--port={self.gcs_port}", "--include-dashboard=false",
                *self._node_ports(head=True), *self._common_args(temp, self.head_cpus, HEAD_RESOURCE)]
         with open(self.head_log, "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
@@ -286,7 +299,7 @@ class TwoNodeCluster:
         ray_cmd = [sys.executable, WRAPPER, "start", f"--address={self.address}", *self._node_ports(head=False),
                    *self._common_args(temp, self.node2_cpus, NODE2_RESOURCE)]
         mounts = [f"mount -t tmpfs tmpfs {shlex.quote(str(d))}" for d in self.hidden_dirs]
-        script = " && ".join(mounts + ["exec " + shlex.join(ray_cmd)])
+        script = " && ".join(mounts + ["exec " + shlex.join([*self._pin(1), *ray_cmd])])
         cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script]
         with open(self.node2_log, "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
