@@ -6,11 +6,12 @@ after the fan-out writes the manifest rows, merges the workers' statistics (`fin
 complete. Only the fan-out differs:
 - pool: `tasks.per_image.run_per_image_stage` (balanced shards of `ray.shard_size` images, one actor per slot,
   the Worker built once per actor and kept for later shards and stages of the same key);
-- ray_data: `ray.data.from_items(ids).map_batches(ShardFn, batch_size=shard, concurrency=n, num_cpus=1)`, where
+- ray_data: `ray.data.from_items(ids).map_batches(ShardFn, batch_size=shard, compute=ActorPoolStrategy(size=n),
+  num_cpus=1)`, where
   ShardFn builds the stage's Worker in its constructor and runs the same `process_images` over each batch,
   returning the batch's manifest rows and pickled statistics as one output row.
-Three settings per stage and actor count: "pool, warm" (the run's pool already started, as for every stage after
-the first in a run), "pool, cold" (pools released first: actor processes started inside the timed stage, as for
+Three settings per stage and actor count: "pool, warm" (the run's pool processes already started but holding no
+models of the stage, as for every stage after the first in a run), "pool, cold" (pools released first: actor processes started inside the timed stage, as for
 the first stage of a run) and "ray_data" (Ray Data starts its actors for every dataset it executes). Each timed
 run starts from an empty stage folder; the order of the settings alternates between repeats.
 """
@@ -82,7 +83,8 @@ def run_ray_data(name: str, cfg, store_url: str, actors: int) -> dict:
     dctx.enable_progress_bars = False
     ds = ray.data.from_items([{"id": i} for i in ctx.ids], override_num_blocks=max(1, -(-len(ctx.ids) // shard)))
     res = ds.map_batches(ShardFn, fn_constructor_args=(name, cfg.model_dump(mode="json"), store_url),
-                         batch_size=shard, concurrency=actors, num_cpus=float(cfg.ray.cpus_per_worker),
+                         batch_size=shard, compute=ray.data.ActorPoolStrategy(size=actors),
+                         num_cpus=float(cfg.ray.cpus_per_worker),
                          batch_format="numpy").take_all()
     parts = []
     for r in res:
@@ -96,15 +98,20 @@ def run_ray_data(name: str, cfg, store_url: str, actors: int) -> dict:
     return summary
 
 
+def _forget_worker(actor) -> None:
+    """Runs in a pool actor: drop the models of the stage it ran last (each stage of a run builds its own)."""
+    actor.worker, actor.key = None, None
+
+
 def timed(setting: str, name: str, cfg, actors: int) -> dict:
     from tasks.per_image import get_pool, release_pools, run_per_image_stage, stage_resources
 
     import ray
 
     drop_stage(cfg, name)
-    if setting == "pool, warm":
+    if setting == "pool, warm":  # processes up, the stage's models not built yet: the next stage of a run
         pool = get_pool(cfg, *stage_resources(name, cfg), actors)
-        ray.get([a.ping.remote() for a in pool], timeout=300)
+        ray.get([a.__ray_call__.remote(_forget_worker) for a in pool], timeout=300)
     else:
         release_pools()
     t = time.perf_counter()

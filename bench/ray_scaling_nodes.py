@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=PER_IMAGE_STAGES, choices=PER_IMAGE_STAGES)
     ap.add_argument("--repeat", type=int, default=2, help="runs per setting (median)")
     ap.add_argument("--cpus-per-node", type=int, default=1)
+    ap.add_argument("--size", type=int, default=None,
+                    help="side of the demo images in pixels (default: the config's, 96); VOC's images are ~500x375")
     ap.add_argument("--no-pin", action="store_true",
                     help="let both nodes' processes float over all of the host's cores (default: each node's Ray "
                          "processes pinned to its own cores with taskset, as on two machines)")
@@ -68,6 +70,8 @@ def main() -> None:
     local_dir = work / "local"
     local = bench_config(args.config, args.images, args.train_epochs, store=local_dir / "store",
                          data_root=local_dir / "data")
+    if args.size:
+        local.data.demo.size = args.size
     s3 = SeaweedS3(work / "s3")
     hidden = [local_dir, ROOT / "runs", ROOT / "data"]
     for d in hidden:

@@ -5,11 +5,14 @@ in [0,1] with most of the area near zero (as normalised CAMs are), stored as cam
 default, float16 too) and read back as the stages read them (checksum verified, decoded to float32); IRN saves
 float32 .npy (high-res CAMs as float32 in a dict per image), so that is the baseline.
 Also measures the padded single-array layout (one (N, Cmax, Hmax, Wmax) array, one chunk per image)
-that NOTES.md found faster for masks, to justify the layout choice.
+that NOTES.md found faster for masks, to justify the layout choice. And the file-system part alone: the same
+entries without bytes (one file per image for .npy; a folder and two files for a Zarr v3 array per image), which
+bounds from below what any encoding work can reach. `--dir` picks where the rounds' folders are made.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -86,6 +89,25 @@ def run_layouts(cams, ids, tmp: Path) -> list[dict]:
         _ = [z[k][: c.shape[0], : c.shape[1], : c.shape[2]] for k, c in enumerate(cams)]
     rows.append({"layout": "zarr padded (N,Cmax,Hmax,Wmax) uint8", "write_s": tw.seconds, "read_s": tr.seconds,
                  "disk_mib": du(tmp / "padded") / 2**20})
+    # the file-system part alone: the same entries with no bytes in them, created then opened, in each layout
+    for name, per_image in (("file entries only: npy's layout (1 file per image)", ("{i}.npy",)),
+                            ("file entries only: the store's layout (folder + 2 files per image)",
+                             ("{i}/", "{i}/c.0.0.0", "{i}/zarr.json"))):
+        d = tmp / f"entries-{len(per_image)}"; d.mkdir()
+        files = [rel.format(i=i) for i in ids for rel in per_image]
+        with Timer() as tw:
+            for rel in files:
+                if rel.endswith("/"):
+                    os.mkdir(d / rel)
+                else:
+                    with open(d / rel, "wb"):
+                        pass
+        with Timer() as tr:
+            for rel in files:
+                if not rel.endswith("/"):
+                    with open(d / rel, "rb") as f:
+                        f.read()
+        rows.append({"layout": name, "write_s": tw.seconds, "read_s": tr.seconds, "disk_mib": 0.0})
     return rows
 
 
@@ -96,13 +118,17 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--note", default="", help="a remark appended to the notes")
+    ap.add_argument("--dir", default=None, help="where the rounds' folders are made (default: the system's temp "
+                                                "folder); e.g. runs/bench, beside the store's default location")
     args = ap.parse_args()
     cams = make_cams(args.images)
     ids = [f"img_{i:05d}" for i in range(len(cams))]
     raw_mib = sum(c.nbytes for c in cams) / 2**20
     rounds = []
     for r in range(args.repeats):
-        tmp = Path(tempfile.mkdtemp(prefix="store_vs_npy_"))
+        if args.dir:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="store_vs_npy_", dir=args.dir))
         try:
             rounds.append(run_layouts(cams, ids, tmp))
         finally:
@@ -122,10 +148,17 @@ def main():
 
     t8, s8 = ratios(rows[1])
     t16, s16 = ratios(rows[2])
+    total = lambda r: r["write_s"] + r["read_s"]  # noqa: E731
+    entries_npy, entries_store = total(rows[4]), total(rows[5])
+    # the store's time if everything but its file-system entries cost what .npy's whole write+read costs beyond
+    # its one entry: a lower bound that no encoding work can go under
+    floor = (entries_store + max(0.0, total(npy) - entries_npy)) / total(npy)
     result = {
         "images": len(cams), "repeats": args.repeats, "raw_float32_mib": raw_mib, "rows": rows, "rounds": rounds,
         "time_ratio_uint8_over_npy": t8, "size_ratio_npy_over_uint8": s8,
         "time_ratio_float16_over_npy": t16, "size_ratio_npy_over_float16": s16,
+        "entries_seconds_npy_layout": entries_npy, "entries_seconds_store_layout": entries_store,
+        "time_ratio_floor_of_the_layout": floor,
         "speed_goal": goal("store (uint8, the default) write+read time <= 1.5x npy", round(t8, 3), t8 <= 1.5),
         "size_goal": goal("store (uint8, the default) at least 3x smaller than npy", round(s8, 2), s8 >= 3.0),
         "speed_goal_float16": goal("store (float16) write+read time <= 1.5x npy", round(t16, 3), t16 <= 1.5),
@@ -134,7 +167,11 @@ def main():
     report("Artifact store vs .npy per image (CAMs)", rows, result, args.json, append=not args.no_append,
            notes=f"{len(cams)} VOC-sized CAMs (300-500 px, 1-3 classes), {raw_mib:.0f} MiB as float32; medians of "
                  f"{args.repeats} rounds (total_min_s/total_max_s: the spread of write+read). Time ratio (write+read) "
-                 f"store/npy: uint8 {t8:.2f}, float16 {t16:.2f}; size ratio npy/store: uint8 {s8:.1f}, float16 {s16:.1f}." + (f" {args.note}" if args.note else ""))
+                 f"store/npy: uint8 {t8:.2f}, float16 {t16:.2f}; size ratio npy/store: uint8 {s8:.1f}, float16 {s16:.1f}. "
+                 f"File-system entries alone (no bytes): npy's layout {1000 * entries_npy / len(cams):.2f} ms per image, "
+                 f"the store's {1000 * entries_store / len(cams):.2f} ms; with the store's entries and everything else at "
+                 f".npy's cost, the ratio would still be {floor:.2f} (the layout's floor). Folders made in "
+                 f"{args.dir or tempfile.gettempdir()}." + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":
