@@ -108,6 +108,8 @@ class ArtifactStore:
         except io_.MissingExtraError as e:
             raise StoreError(str(e)) from None
         self.is_local = io_.is_local_fs(fs)
+        if self.is_local:  # fsspec hands back absolute paths (fs.cat of several files keys them so): match them
+            root = os.path.abspath(root)
         self.loc = _Loc(fs, root)
         if not create and not fs.exists(self.loc.join("zarr.json")):
             raise StoreError(f"artifact store {self.url} not found from host {io_.host()}: every node must see the "

@@ -137,3 +137,17 @@ def test_write_error_leaves_existing_entries(tmp_path):
         out.write("b", {"m": np.ones((4, 4), np.uint8)})
     assert out.pending(["a", "b"], verify=True) == ["b"]
     assert np.array_equal(out.read("a", "m")[0], np.ones((4, 4), np.uint8))
+
+
+def test_store_at_a_relative_path_reads_back_every_entry(tmp_path, monkeypatch):
+    """A store opened with a relative path (a notebook's `ArtifactStore("runs/x")`) reads back what it wrote, the
+    second entry of a field too (read with both files in one call, which fsspec keys by absolute path)."""
+    monkeypatch.chdir(tmp_path)
+    out = ArtifactStore("rel/store").stage("cam_infer", "fp").prepare(["cam"])
+    arrays = {f"img{k}": np.full((2, 3, 4), k, np.uint8) for k in range(3)}
+    for image_id, arr in arrays.items():
+        out.write(image_id, {"cam": arr}, attrs={"classes": [1, 2]})
+    for image_id, arr in arrays.items():
+        got, attrs = out.read(image_id, "cam")
+        assert np.array_equal(got, arr) and attrs == {"classes": [1, 2]}
+    assert out.pending(list(arrays), verify=True) == []
