@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import report  # noqa: E402
-from stage_throughput import (BENCH_RUNS, PER_IMAGE_STAGES, add_config_args, bench_config, describe,  # noqa: E402
+from stage_throughput import (PER_IMAGE_STAGES, add_config_args, describe, shared_bench_config,  # noqa: E402
                               drop_stage, fresh_copy, prepare_upstream, setup_env, start_ray, stop_ray)
 
 SETTINGS = ("pool, warm", "pool, cold", "ray_data")
@@ -98,10 +98,6 @@ def run_ray_data(name: str, cfg, store_url: str, actors: int) -> dict:
     return summary
 
 
-def _forget_worker(actor) -> None:
-    """Runs in a pool actor: drop the models of the stage it ran last (each stage of a run builds its own)."""
-    actor.worker, actor.key = None, None
-
 
 def timed(setting: str, name: str, cfg, actors: int) -> dict:
     from tasks.per_image import get_pool, release_pools, run_per_image_stage, stage_resources
@@ -111,7 +107,7 @@ def timed(setting: str, name: str, cfg, actors: int) -> dict:
     drop_stage(cfg, name)
     if setting == "pool, warm":  # processes up, the stage's models not built yet: the next stage of a run
         pool = get_pool(cfg, *stage_resources(name, cfg), actors)
-        ray.get([a.__ray_call__.remote(_forget_worker) for a in pool], timeout=300)
+        ray.get([a.drop_models.remote() for a in pool], timeout=300)
     else:
         release_pools()
     t = time.perf_counter()
@@ -136,9 +132,7 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    probe = bench_config(args.config, args.images, args.train_epochs)
-    base = BENCH_RUNS / "stores" / f"{probe.name}-{probe.data.demo.n_train}-e{args.train_epochs or 0:g}"
-    cfg = bench_config(args.config, args.images, args.train_epochs, store=base / "base")
+    cfg, base = shared_bench_config(args)
     t = time.perf_counter()
     prepare_upstream(cfg, args.stages, show_progress=False)
     prep_s = time.perf_counter() - t

@@ -20,7 +20,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal, report  # noqa: E402
-from stage_throughput import (BENCH_RUNS, PER_IMAGE_STAGES, add_config_args, bench_config, describe,  # noqa: E402
+from stage_throughput import (PER_IMAGE_STAGES, add_config_args, describe, shared_bench_config,  # noqa: E402
                               fresh_copy, measure_stage, prepare_upstream, setup_env, start_ray, stop_ray)
 
 GOAL = 1.8
@@ -65,9 +65,7 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    probe = bench_config(args.config, args.images, args.train_epochs)
-    base = BENCH_RUNS / "stores" / f"{probe.name}-{probe.data.demo.n_train}-e{args.train_epochs or 0:g}"
-    cfg = bench_config(args.config, args.images, args.train_epochs, store=base / "base")
+    cfg, base = shared_bench_config(args)
     t = time.perf_counter()
     prepare_upstream(cfg, args.stages)
     prep_s = time.perf_counter() - t

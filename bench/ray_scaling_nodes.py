@@ -40,10 +40,6 @@ from stage_throughput import (PER_IMAGE_STAGES, add_config_args, bench_config, p
 BUCKET = "bench-nodes"
 
 
-def _forget_worker(actor) -> None:
-    """Runs in a pool actor: drop the stage's Worker, so the next timed stage builds its models as a run does."""
-    actor.worker, actor.key = None, None
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +132,7 @@ def main() -> None:
                             if fs.exists(path):
                                 fs.rm(path, recursive=True)
                             # as in a run, where each stage runs once: no actor holds the stage's models yet
-                            ray.get([a.__ray_call__.remote(_forget_worker) for a in pool], timeout=60)
+                            ray.get([a.drop_models.remote() for a in pool], timeout=60)
                             with CpuSampler() as cpu:
                                 cpu.driver_pid = os.getpid()
                                 t = time.perf_counter()

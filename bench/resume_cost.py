@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, goal, report  # noqa: E402
-from stage_throughput import (BENCH_RUNS, PER_IMAGE_STAGES, add_config_args, bench_config, describe,  # noqa: E402
+from stage_throughput import (PER_IMAGE_STAGES, add_config_args, describe, shared_bench_config,  # noqa: E402
                               drop_stage, fresh_copy, prepare_upstream, setup_env)
 
 
@@ -113,11 +113,9 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    from rca_core.stages import make_context, plan, stage_inputs
+    from rca_core.stages import make_context, stage_inputs
 
-    probe = bench_config(args.config, args.images, args.train_epochs)
-    base = BENCH_RUNS / "stores" / f"{probe.name}-{probe.data.demo.n_train}-e{args.train_epochs or 0:g}"
-    cfg = bench_config(args.config, args.images, args.train_epochs, store=base / "base")
+    cfg, base = shared_bench_config(args)
     prepare_upstream(cfg, list(stage_inputs(args.stage, cfg)))
     work = base / f"resume-{args.stage}"
     cfg.store = fresh_copy(cfg.store, work)

@@ -76,6 +76,14 @@ def bench_config(config: str, images: int | None = None, train_epochs: float | N
     return cfg
 
 
+def shared_bench_config(args, workers: int | None = None):
+    """(config, folder) of a bench on the shared bench store runs/bench/stores/<name>-<images>-e<epochs>/base,
+    which later benches with the same data set and epochs reuse (same stage keys)."""
+    probe = bench_config(args.config, args.images, args.train_epochs)
+    base = BENCH_RUNS / "stores" / f"{probe.name}-{probe.data.demo.n_train}-e{args.train_epochs or 0:g}"
+    return bench_config(args.config, args.images, args.train_epochs, store=base / "base", workers=workers), base
+
+
 def prepare_upstream(cfg, stages: list[str], show_progress: bool = True) -> dict[str, float]:
     """Run (plain loop, once per bench store) the given stages and everything they need; returns the seconds
     spent per requested stage (with its unfinished upstream), 0 when all was already in the store."""
@@ -191,9 +199,7 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    probe = bench_config(args.config, args.images, args.train_epochs)
-    base = BENCH_RUNS / "stores" / f"{probe.name}-{probe.data.demo.n_train}-e{args.train_epochs or 0:g}"
-    cfg = bench_config(args.config, args.images, args.train_epochs, store=base / "base", workers=1)
+    cfg, base = shared_bench_config(args, workers=1)
     t = time.perf_counter()
     upstream = prepare_upstream(cfg, args.stages)
     prep_s = time.perf_counter() - t

@@ -87,7 +87,7 @@ class StageActorImpl:
 
         from tasks.training import train_in_process
 
-        self.worker, self.key = None, None  # free the last per-image stage's models; the next one builds its own
+        self.drop_models()  # free the last per-image stage's models; the next one builds its own
         gc.collect()
         self._progress = {"done": 0, "total": 0}
 
@@ -98,6 +98,10 @@ class StageActorImpl:
             return train_in_process(cfg_json, name, store_url, progress)
         finally:
             gc.collect()
+
+    def drop_models(self) -> None:
+        """Forget the current stage's Worker (its models): the next shard builds the Worker of its stage anew."""
+        self.worker, self.key = None, None
 
     def progress(self) -> dict:
         """(done, total) steps of the training stage this actor runs (read by the driver during `train`)."""
@@ -167,8 +171,6 @@ def _pool_key(cpus: float, gpus: float) -> tuple:
 def get_pool(cfg: RunConfig, cpus: float, gpus: float, size: int) -> list:
     """`size` actors of this shape: the run's pool (dead ones replaced, grown if needed); pools of other
     shapes are released."""
-    import ray
-
     key = _pool_key(cpus, gpus)
     actors = _keep_pool(key)
     _alive_by_node(actors)
