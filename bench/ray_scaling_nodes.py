@@ -180,7 +180,7 @@ def main() -> None:
                 f"{pin[1]}; the actors' allowed CPUs: {affinity}); the S3 server and this driver float over "
                 f"both." if pin else "Unpinned (--no-pin): both nodes' processes float over all cores."))
     cores = len(os.sched_getaffinity(0))
-    DRIVER = "the benchmark's parent"  # noqa: N806 - cpu_account's name for this process (the driver here)
+    DRIVER = "driver (the run's own process)"  # noqa: N806 - cpu_account's group of this process (driver_pid)
     cpu_lines = []
     for s in args.stages:
         for n in (1, 2):
