@@ -138,7 +138,8 @@ def one_read_kwargs(fs) -> dict:
 
 
 def cat_file(fs, path: str) -> bytes:
-    """The bytes of one file, one request on object storage."""
+    """The bytes of one small file (a per-image entry, an image), one request on object storage. Large files
+    (checkpoints) go through `fs.cat_file` itself, which s3fs reads in concurrent parts."""
     return fs.cat_file(path, **one_read_kwargs(fs))
 
 
@@ -154,8 +155,8 @@ class FileRef:
         return bool(self.fs.exists(self.path))
 
     def read_bytes(self) -> bytes:
-        try:
-            return cat_file(self.fs, self.path)
+        try:  # fsspec's own read: s3fs splits a large object (a checkpoint) into concurrent ranged GETs
+            return self.fs.cat_file(self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"file not found: {self.uri}") from None
 

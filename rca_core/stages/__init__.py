@@ -291,6 +291,8 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
 
     from tqdm.auto import tqdm
 
+    from .label_scoring import is_scored
+
     ctx = getattr(worker, "ctx", None)
     if prefetch is None:
         prefetch = tuple(getattr(sys.modules.get(type(worker).__module__), "PREFETCH", ()))
@@ -307,7 +309,7 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
             if ctx is None or k >= len(todo):
                 return
             for spec in prefetch:
-                if spec == "mask" and not _scored(ctx, todo[k]):
+                if spec == "mask" and not is_scored(ctx, todo[k]):
                     continue  # masks are read for the images a stage scores only
                 if spec in ("image", "mask"):
                     ctx.dataset.prefetch(spec, todo[k], pool)
@@ -340,16 +342,6 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
                 inp.drop_prefetched()
         pool.shutdown(wait=True, cancel_futures=True)
     return rows
-
-
-def _scored(ctx: StageContext, image_id: str) -> bool:
-    """Whether a stage reads this image's ground-truth mask: an image of the evaluation subset (all of the split
-    when it is the evaluation split) that has a mask (LabelScorer.wants)."""
-    eval_ids = ctx.extra.get("eval_ids")
-    if eval_ids is not None and image_id not in eval_ids:
-        return False
-    has_mask = getattr(ctx.dataset, "has_mask", None)
-    return has_mask is None or has_mask(image_id)
 
 
 __all__ = ["STAGES", "StagePlan", "StageContext", "plan", "run_stage", "make_context", "stage_module",

@@ -10,15 +10,24 @@ from __future__ import annotations
 from rca_core.metrics import PseudoMaskScore
 
 
+def is_scored(ctx, image_id: str) -> bool:
+    """Whether a stage scores this image (and so reads its ground-truth mask): an image of the evaluation subset
+    (all of the split when it is the evaluation split) that has a mask."""
+    eval_ids = ctx.extra.get("eval_ids")
+    if eval_ids is not None and image_id not in eval_ids:
+        return False
+    has_mask = getattr(ctx.dataset, "has_mask", None)
+    return has_mask is None or has_mask(image_id)
+
+
 class LabelScorer:
     def __init__(self, ctx, num_classes: int):
         self.ctx, self.num_classes = ctx, num_classes
-        self.eval_ids = ctx.extra.get("eval_ids")
         self.names = list(getattr(ctx.dataset, "class_names", None) or [])
         self.score, self.images = PseudoMaskScore(num_classes, self.names or None), 0
 
     def wants(self, image_id: str) -> bool:
-        return (self.eval_ids is None or image_id in self.eval_ids) and self.ctx.dataset.has_mask(image_id)
+        return is_scored(self.ctx, image_id)
 
     def add(self, image_id: str, label) -> None:
         if self.wants(image_id):
