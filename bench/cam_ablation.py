@@ -53,7 +53,10 @@ def _child(name, cfg_dict, store, threads, subset, q):
     import torch
 
     from rca_core.config import config_from_dict
-    from rca_core.stages import make_context, plan, process_images, run_stage, stage_module
+    from rca_core.stages.context import make_context
+    from rca_core.stages.planning import plan
+    from rca_core.stages.runner import process_images, stage_module
+    from rca_core.stages.local import run_stage
     from rca_core.store import ArtifactStore
 
     torch.set_num_threads(threads)

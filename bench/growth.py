@@ -41,7 +41,7 @@ def child(cfg_path: str, step: str) -> None:
         n = sum(len(make_dataset(cfg.data, s, progress=False).ids)
                 for s in sorted({cfg.data.train_split, cfg.data.val_split}))
     else:
-        from rca_core.stages import run_stage
+        from rca_core.stages.local import run_stage
 
         summary = run_stage(step, cfg, cfg.store, with_upstream=False, show_progress=False)
         n = summary.get("images")
@@ -78,7 +78,8 @@ def main():
         return child(*args.child)
     setup_env()
     from rca_core.config import load_config
-    from rca_core.stages import STAGES, upstream_closure
+    from rca_core.stages.registry import STAGE_NAMES as STAGES
+    from rca_core.stages.planning import upstream_closure
 
     base_n = args.images or load_config(args.config).data.demo.n_train
     wanted = args.stages or STAGES

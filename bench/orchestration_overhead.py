@@ -45,7 +45,8 @@ def child(mode: str, cfg_path: str) -> None:
     stages: dict[str, float] = {}
     if mode == "plain":
         from rca_core.report import write_report
-        from rca_core.stages import STAGES, run_stage
+        from rca_core.stages.registry import STAGE_NAMES as STAGES
+        from rca_core.stages.local import run_stage
 
         t0 = time.perf_counter()
         for name in STAGES:

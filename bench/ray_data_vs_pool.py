@@ -41,7 +41,8 @@ class ShardFn:
         import torch
 
         from rca_core.config import RunConfig
-        from rca_core.stages import make_context, stage_module
+        from rca_core.stages.context import make_context
+        from rca_core.stages.runner import stage_module
         from rca_core.store import ArtifactStore
 
         cfg = RunConfig.model_validate(cfg_json)
@@ -52,7 +53,7 @@ class ShardFn:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from rca_core.stages import process_images
+        from rca_core.stages.runner import process_images
 
         ids = [str(i) for i in batch["id"]]
         rows = process_images(self.worker, ids, out=self.worker.ctx.out, maybe_done=set())
@@ -65,7 +66,9 @@ def run_ray_data(name: str, cfg, store_url: str, actors: int) -> dict:
     """The stage with its fan-out through Ray Data; the driver's part as in run_per_image_stage."""
     import ray.data
 
-    from rca_core.stages import make_context, plan, stage_module
+    from rca_core.stages.context import make_context
+    from rca_core.stages.planning import plan
+    from rca_core.stages.runner import stage_module
     from rca_core.store import ArtifactStore
     from tasks.per_image import balanced_shards
     from tasks.preflight import preflight

@@ -60,7 +60,7 @@ def main() -> None:
     from harness.ray_cluster import TwoNodeCluster
     from harness.s3_server import SeaweedS3
     from rca_core import storage
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     work = Path(tempfile.mkdtemp(prefix="rca-bench-nodes-"))
     local_dir = work / "local"

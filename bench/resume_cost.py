@@ -113,7 +113,8 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    from rca_core.stages import make_context, stage_inputs
+    from rca_core.stages.context import make_context
+    from rca_core.stages import stage_inputs
 
     cfg, base = shared_bench_config(args)
     prepare_upstream(cfg, list(stage_inputs(args.stage, cfg)))

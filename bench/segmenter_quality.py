@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
     from rca_core.config import load_config, parse_overrides
     from rca_core.config.base import deep_update
     from rca_core.predict import predict_folder
-    from rca_core.stages import plan, run_stage
+    from rca_core.stages.planning import plan
+    from rca_core.stages.local import run_stage
     from rca_core.store import ArtifactStore
     from rca_core.data import make_dataset
 

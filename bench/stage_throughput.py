@@ -87,7 +87,7 @@ def shared_bench_config(args, workers: int | None = None):
 def prepare_upstream(cfg, stages: list[str], show_progress: bool = True) -> dict[str, float]:
     """Run (plain loop, once per bench store) the given stages and everything they need; returns the seconds
     spent per requested stage (with its unfinished upstream), 0 when all was already in the store."""
-    from rca_core.stages import run_stage
+    from rca_core.stages.local import run_stage
 
     seconds = {}
     for s in stages:
@@ -107,7 +107,7 @@ def fresh_copy(base_store: str, dst: Path) -> str:
 
 
 def drop_stage(cfg, name: str) -> None:
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     d = Path(cfg.store) / plan(cfg)[name].key
     if d.exists():
@@ -131,7 +131,7 @@ def start_ray(cfg, num_cpus: int | None = None) -> dict:
     def warm(sleep: float) -> int:
         import torch  # noqa: F401
 
-        from rca_core.stages import stage_module
+        from rca_core.stages.runner import stage_module
         for s in PER_IMAGE_STAGES:  # imports (torchvision, pydensecrf, ...) are start-up, not stage time
             stage_module(s)
         time.sleep(sleep)
@@ -151,7 +151,7 @@ def stop_ray() -> float:
 
 
 def stage_rows(cfg, name: str) -> list[dict]:
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     return ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint).manifest().to_pylist()
@@ -160,7 +160,7 @@ def stage_rows(cfg, name: str) -> list[dict]:
 def measure_stage(cfg, name: str, mode: str) -> dict:
     """Run one per-image stage from scratch on its finished inputs; mode 'plain' (run_stage) or 'ray'
     (run_per_image_stage with cfg.ray.actors actors, Ray already started)."""
-    from rca_core.stages import run_stage
+    from rca_core.stages.local import run_stage
 
     drop_stage(cfg, name)
     with Timer() as t:

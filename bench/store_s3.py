@@ -38,7 +38,8 @@ def main() -> None:
     from harness.s3_server import SeaweedS3
     from rca_core import storage
     from rca_core.config import load_config
-    from rca_core.stages import plan, run_planned_stage, run_stage
+    from rca_core.stages.planning import plan
+    from rca_core.stages.local import run_planned_stage, run_stage
     from rca_core.store import ArtifactStore
 
     torch.set_num_threads(1)

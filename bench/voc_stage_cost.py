@@ -128,7 +128,10 @@ def measure(args) -> dict:
     from test_voc_size_run import write_random_init_weights, write_voc_tree
 
     from rca_core.config import load_config
-    from rca_core.stages import STAGES, make_context, plan, process_images, stage_module
+    from rca_core.stages.registry import STAGE_NAMES as STAGES
+    from rca_core.stages.context import make_context
+    from rca_core.stages.planning import plan
+    from rca_core.stages.runner import process_images, stage_module
     from rca_core.store import ArtifactStore
 
     torch.set_num_threads(args.threads)

@@ -47,7 +47,8 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, store: str, port: int, out
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     from rca_core.config import config_from_dict
-    from rca_core.stages import cam_train, make_context
+    from rca_core.stages import cam_train
+    from rca_core.stages.context import make_context
     from rca_core.store import ArtifactStore
 
     cfg = config_from_dict(cfg_dict)

@@ -93,7 +93,7 @@ def data_coco_convert(instances: Path = typer.Option(..., help="instances_{split
 @config_app.command("show")
 def config_show(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Print the resolved config and each stage's fingerprint."""
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     cfg = _load(config, set_)
     typer.echo(cfg.resolved_yaml())
@@ -119,21 +119,26 @@ def stage(name: str = typer.Argument(..., help="stage name (see `rca config show
     # --local runs the library's plain loop with its own progress bars: shown on a terminal only
     with _console(cfg, verbose, f"stage {name}", quiet_bars=not (local and CONSOLE.is_tty())):
         if local:
-            from rca_core.stages import run_stage
+            from rca_core.stages.local import run_stage
             from tasks import progress
 
             t0 = time.time()
             summary = run_stage(name, cfg, with_upstream=with_upstream)
             _say(progress.summary_line(name, "ran", time.time() - t0, summary))
         else:
-            from flows.stage_flows import run_stage_flow
-
             with _prefect(None, need_server=bool(os.environ.get("PREFECT_API_URL"))):
                 t0 = time.time()
                 from tasks import progress
 
                 progress.forget(name)
-                res = run_stage_flow(name, cfg, with_upstream=with_upstream)
+                if with_upstream:  # the pipeline restricted to the stage and what it needs
+                    from flows.pipeline import pipeline
+
+                    res = pipeline(config=cfg, stages=[name])["stages"][name]
+                else:
+                    from flows.stage_flows import STAGE_FLOWS
+
+                    res = STAGE_FLOWS[name](config=cfg)
                 if not with_upstream:  # the pipeline prints the summary lines when it runs the stages
                     row = res.get("summary") or {}
                     _say(progress.summary_line(name, "cached" if res.get("cached") else "ran", time.time() - t0,

@@ -9,7 +9,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from rca_core.config import RunConfig
-from rca_core.stages import STAGES, plan, record_run, upstream_closure
+from rca_core.stages.local import record_run
+from rca_core.stages.planning import plan, run_order
 from rca_core.store import ArtifactStore
 from tasks import console, progress
 from tasks.ray_runtime import ray_session
@@ -56,8 +57,7 @@ def stage_row(name: str, res: dict, seconds: float) -> dict:
 def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -> dict:
     """Run the stages (default: all) of the run config; returns per-stage pointers and a metrics table."""
     cfg = prepare_config(config)
-    wanted = stages or STAGES
-    order = [s for s in STAGES if any(s in upstream_closure(w, cfg) for w in wanted)]
+    order = run_order(cfg, stages)
     t_all = time.time()
     with console.Phase("data: checking the data set (generating the demo set if needed)"):
         counts = prepare_data(cfg)
@@ -74,7 +74,9 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
             rows.append(stage_row(name, res, time.time() - t))
             _tell(progress.summary_line(name, rows[-1]["status"], rows[-1]["seconds"], rows[-1],
                                         progress.finished(name)))
-    report = write_run_report(cfg) if "seg_eval" in order or "random_walk" in order else ""
+    from rca_core import report as run_report
+
+    report = write_run_report(cfg) if run_report.wanted(order) else ""
     total = time.time() - t_all
     create_table_artifact(key="rca-metrics", table=rows,
                           description=f"Per-stage metrics and wall time of run {cfg.name} ({total:.0f} s)")

@@ -1,10 +1,12 @@
-"""One Prefect flow per stage. Each runs its stage's cached task over Ray; the pipeline chains them."""
+"""One Prefect flow per registered stage (rca_core/stages/registry.py). Each runs its stage's cached task over
+Ray; the pipeline (flows/pipeline.py) chains them."""
 from __future__ import annotations
 
 from prefect import flow
 
 from rca_core.config import RunConfig, check_paths, resolve_paths, stage_weights
-from rca_core.stages import STAGES, plan, upstream_closure
+from rca_core.stages.planning import plan
+from rca_core.stages.registry import STAGE_NAMES
 from rca_core.store import ArtifactStore
 from tasks.ray_runtime import ray_session
 from tasks.stage_task import cache_key, result_storage_for, run_stage_task
@@ -39,14 +41,4 @@ def _make_stage_flow(name: str):
     return stage_flow
 
 
-STAGE_FLOWS = {name: _make_stage_flow(name) for name in STAGES}
-
-
-def run_stage_flow(name: str, cfg: RunConfig, with_upstream: bool = True) -> dict:
-    """CLI helper for `rca stage NAME`: the stage flow, or the pipeline restricted to NAME and its upstream."""
-    if with_upstream:
-        from flows.pipeline import pipeline
-
-        res = pipeline(config=cfg, stages=upstream_closure(name, cfg))
-        return res["stages"][name]
-    return STAGE_FLOWS[name](config=cfg)
+STAGE_FLOWS = {name: _make_stage_flow(name) for name in STAGE_NAMES}  # one per registered stage

@@ -15,11 +15,18 @@ from pathlib import Path
 import numpy as np
 
 from rca_core.config import RunConfig
-from rca_core.stages import STAGES, plan
+from rca_core.stages import registry
+from rca_core.stages.planning import plan
 from rca_core.store import ArtifactStore, StoreError
 
 QUALITY_STAGES = [("cam_eval", "CAM (best threshold)"), ("crf_labels", "CRF labels"),
                   ("random_walk", "random-walk pseudo-masks"), ("seg_eval", "segmenter (val)")]
+REPORT_AFTER = ("random_walk", "seg_eval")  # a pipeline run that makes pseudo-masks or scores the segmenter
+
+
+def wanted(stages: list[str]) -> bool:
+    """Whether a pipeline run of these stages ends with the report (its figures would be there to show)."""
+    return any(n in stages for n in REPORT_AFTER)
 
 
 def _summary(store: ArtifactStore, cfg: RunConfig, name: str) -> dict | None:
@@ -137,11 +144,13 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
     from rca_core.data.palette import colourise
 
     plans = plan(cfg)
-    stage = {k: store.stage(k, plans[k].fingerprint) for k in ("cam_infer", "crf_labels", "random_walk", "seg_train")}
-    if not stage["cam_infer"].is_complete():
+    cams = plans["crf_labels"].roles["cams"]  # the stage whose CAMs the refinement reads
+    stage = {k: store.stage(k, plans[k].fingerprint) for k in ("crf_labels", "random_walk", "seg_train")}
+    stage["cams"] = store.stage(cams, plans[cams].fingerprint)
+    if not stage["cams"].is_complete():
         return None
-    ds = make_dataset(cfg.data, plans["cam_infer"].split, storage_options=cfg.storage)
-    ids = [i for i in ds.ids if stage["cam_infer"].is_done(i)][:n]
+    ds = make_dataset(cfg.data, plans[cams].split, storage_options=cfg.storage)
+    ids = [i for i in ds.ids if stage["cams"].is_done(i)][:n]
     if not ids:
         return None
     model = None
@@ -158,7 +167,7 @@ def _sample_grid(store: ArtifactStore, cfg: RunConfig, path: Path, n: int = 6) -
         img = ds.image(i)
         h, w = img.shape[:2]
         blank = np.full((h, w, 3), 255, np.uint8)
-        tiles = [img, _cam_rgb(stage["cam_infer"].read(i, "cam")[0], (h, w))]
+        tiles = [img, _cam_rgb(stage["cams"].read(i, "cam")[0], (h, w))]
         for key, field in (("crf_labels", "crf_label"), ("random_walk", "pseudo_mask")):
             tiles.append(colourise(stage[key].read(i, field)[0]) if stage[key].is_done(i) else blank)
         tiles.append(colourise(model.predict(img[None])[0]) if model is not None else blank)
@@ -196,7 +205,7 @@ def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str 
     store = ArtifactStore(store_url, cfg.storage, create=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sums = {n: _summary(store, cfg, n) for n in STAGES}
+    sums = {n: _summary(store, cfg, n) for n in registry.STAGE_NAMES}
     plans = plan(cfg)
     stage_rows = [{"stage": n, "status": "complete" if s else "missing",
                    "seconds": (s or {}).get("seconds"), "key": plans[n].key,
@@ -228,7 +237,7 @@ def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str 
         if rows:
             parts += [f"<h3>Precision and recall per class: {label}</h3>",
                       _html_table(rows, ["class", "iou", "precision", "recall"])]
-    histories = {n: _table(store, cfg, n, "history") for n in ("cam_train", "affinity_train", "seg_train")}
+    histories = {r.name: _table(store, cfg, r.name, "history") for r in registry.by_kind("training")}
     if _curves(histories, _table(store, cfg, "cam_eval", "curve"), out_dir / "curves.png"):
         parts += ["<h2>Training curves and CAM threshold sweep</h2>", '<img src="curves.png" alt="training curves">']
     cols = _sample_grid(store, cfg, out_dir / "samples.png")

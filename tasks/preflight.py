@@ -4,7 +4,8 @@ The driver writes a fresh marker into the store; one tiny task per alive node (p
 marker back through the store's URL and checks the data root (the stage's split file; for the demo set,
 its meta.json) and any local file the config names (pretrained weights, labels file, saliency folder).
 A node that cannot see one of them, or does not answer within `ray.preflight_timeout_s`, fails the stage
-in seconds, naming the node and the path, before any work is sent out. Nodes already checked in this
+in seconds, naming the node and the path, before any work is sent out (the check itself:
+tasks.remote.node_check). Nodes already checked in this
 driver process for the same store and data are not checked again.
 """
 from __future__ import annotations
@@ -13,49 +14,16 @@ import json
 import time
 import uuid
 
-from rca_core import storage
 from rca_core.config import RunConfig
-from rca_core.config.run import WEIGHT_KEYS, get_key
 from rca_core.store import ArtifactStore
+
+from .remote import node_check
 
 _CHECKED: dict[tuple, set[str]] = {}
 
 
 class PreflightError(RuntimeError):
     """A node cannot see the artifact store or the data a stage needs."""
-
-
-def _node_check(marker_uri: str, token: str, cfg_json: dict, split: str) -> dict:
-    """Runs on one node: what it cannot see (an empty list when all is well)."""
-    import ray
-
-    cfg = RunConfig.model_validate(cfg_json)
-    problems = []
-    try:
-        got = json.loads(storage.read_bytes(marker_uri, cfg.storage)).get("token")
-        if got != token:
-            problems.append(f"store marker {marker_uri} holds another run's token")
-    except Exception as e:  # noqa: BLE001
-        problems.append(f"cannot read the store marker {marker_uri} ({type(e).__name__}: {e}); "
-                        f"store = {cfg.store}")
-    root = cfg.data.root
-    want = (storage.join(root, "meta.json") if cfg.data.kind == "demo"
-            else storage.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
-    try:
-        if not storage.exists(want, cfg.storage):
-            problems.append(f"data.root {root}: {want} not found")
-    except Exception as e:  # noqa: BLE001
-        problems.append(f"data.root {root}: cannot list it ({type(e).__name__}: {e})")
-    for key in ("data.labels_file", "data.saliency_dir", *WEIGHT_KEYS):
-        v = get_key(cfg, key)
-        if v:
-            try:
-                ok = storage.exists(v, cfg.storage)
-            except Exception:  # noqa: BLE001
-                ok = False
-            if not ok:
-                problems.append(f"{key}: {v} not found")
-    return {"node_id": ray.get_runtime_context().get_node_id(), "host": storage.host(), "problems": problems}
 
 
 def preflight(cfg: RunConfig, stage: str, split: str) -> dict:
@@ -75,7 +43,7 @@ def preflight(cfg: RunConfig, stage: str, split: str) -> dict:
     marker = store.file("_preflight", f"{token}.json")
     marker.write_text(json.dumps({"token": token, "stage": stage, "time": time.time()}))
     cfg_json = cfg.model_dump(mode="json")
-    check = ray.remote(num_cpus=0, max_retries=0)(_node_check)
+    check = ray.remote(num_cpus=0, max_retries=0)(node_check)
     refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(
         marker.uri, token, cfg_json, split): nid for nid in todo}
     try:

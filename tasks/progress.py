@@ -24,9 +24,9 @@ _FINISHED_LOCK = threading.Lock()
 
 def default_unit(stage: str) -> str:
     try:
-        from rca_core.stages import stage_kind
+        from rca_core.stages import registry
 
-        kind = stage_kind(stage)
+        kind = registry.get(stage).kind
     except Exception:  # noqa: BLE001 - an unknown name: generic unit
         return "items"
     return {"per_image": "images", "training": "steps"}.get(kind, "images")

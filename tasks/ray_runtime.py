@@ -14,19 +14,6 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 LOCAL_RAY_ENV = {**RAY_ENV, "RAY_AUTH_MODE": "disabled"}
 
 
-def gpus_available() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-def gpus_per_worker(rc: RayConfig) -> float:
-    """Configured GPUs per worker; 0 = auto: one per worker when the cluster has GPUs."""
-    if rc.gpus_per_worker > 0:
-        return rc.gpus_per_worker
-    return 1.0 if gpus_available() > 0 else 0.0
-
-
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast with a clear message: ray.init on a dead address otherwise retries for minutes."""
     import socket
@@ -45,10 +32,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def worker_env(local: bool = True) -> dict[str, str]:
-    """Environment for every Ray worker of a run: RAY_ENV (LOCAL_RAY_ENV for a local Ray) plus the driver's
-    RCA_FAULT_* hooks (tests). Credentials are not forwarded: nodes get them from their own environment."""
-    base = LOCAL_RAY_ENV if local else RAY_ENV
-    return {**base, **{k: v for k, v in os.environ.items() if k.startswith("RCA_FAULT_")}}
+    """Environment for every Ray worker of a run: RAY_ENV (LOCAL_RAY_ENV for a local Ray). Credentials are not
+    forwarded: nodes get them from their own environment."""
+    return dict(LOCAL_RAY_ENV if local else RAY_ENV)
 
 
 @contextlib.contextmanager
@@ -86,9 +72,9 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
     finally:
         try:
             try:
-                from .per_image import release_pools
+                from .actor_pool import release_pools
 
-                release_pools()  # the run's per-image actors
+                release_pools()  # the run's pooled actors
             finally:
                 ray.shutdown()
         finally:

@@ -18,7 +18,7 @@ from prefect.context import TaskRunContext
 import rca_core
 from rca_core import storage
 from rca_core.config import RunConfig
-from rca_core.stages import plan, run_stage, stage_inputs, stage_kind
+from rca_core.stages.planning import plan
 from rca_core.store import ArtifactStore
 
 from .progress import StageProgress
@@ -82,19 +82,14 @@ def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
 
     cfg = config
     store = ArtifactStore.for_config(cfg)
-    plans = plan(cfg)
-    out = store.stage(name, plans[name].fingerprint)
+    p = plan(cfg)
+    out = store.stage(name, p[name].fingerprint)
     if not out.is_complete():
-        for i in stage_inputs(name, cfg):
-            if not store.stage(i, plans[i].fingerprint).is_complete():
-                raise RuntimeError(f"stage {name} needs stage {i}, which is not complete in {cfg.store}")
+        for up in p[name].inputs:
+            if not store.stage(up, p[up].fingerprint).is_complete():
+                raise RuntimeError(f"stage {name} needs stage {up}, which is not complete in {cfg.store}")
         progress = StageProgress(name)
-        kind = stage_kind(name)
-        if kind == "per_image":
-            run_per_image_stage(name, cfg, cfg.store, on_progress=progress)
-        elif kind == "training":
-            run_training_stage(name, cfg, cfg.store, on_progress=progress)
-        else:
-            run_stage(name, cfg, store, with_upstream=False, show_progress=False)
+        run = run_per_image_stage if p[name].kind == "per_image" else run_training_stage
+        run(name, cfg, cfg.store, on_progress=progress)
         progress.close()
     return {"stage": name, "key": out.key, "store": cfg.store, "summary": scalars(out.summary())}

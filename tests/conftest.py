@@ -82,7 +82,7 @@ def copy_stages(src_cfg, dst_cfg, stages: list[str]) -> None:
     """Copy finished stages (same fingerprints) from one store to another: a head start for a test."""
     import shutil
 
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     src, dst = Path(src_cfg.store), Path(dst_cfg.store)
     dst.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import prefect_api
 from conftest import ROOT, write_config
 from harness.ray_cluster import IsolationUnavailable, TwoNodeCluster, check_isolation
 from harness.s3_server import SeaweedS3
+from harness.slowdown import set_delays, slowdown_env
 
 pytestmark = pytest.mark.slow
 RCA = str(Path(sys.executable).with_name("rca"))
@@ -70,7 +71,8 @@ def cluster(tmp_path_factory, prefect_server):
 
     work = Path(tempfile.mkdtemp(prefix="rca-cluster-"))  # outside the hidden dirs: node 2's own Ray files
     s3 = SeaweedS3(work / "s3")
-    ray_cluster = TwoNodeCluster(work / "ray", hidden_dirs=hidden, head_cpus=2, node2_cpus=1, env=s3.env)
+    slow = slowdown_env(work / "slowdown")  # no delay until a test sets one (set_delays); node 2 sees the file
+    ray_cluster = TwoNodeCluster(work / "ray", hidden_dirs=hidden, head_cpus=2, node2_cpus=1, env={**s3.env, **slow})
     s3_up = _bg(s3.start)
     saved = {k: os.environ.get(k) for k in s3.env}
     try:
@@ -78,7 +80,7 @@ def cluster(tmp_path_factory, prefect_server):
         s3_up(timeout=90)
         s3.make_bucket(BUCKET)
         os.environ.update(s3.env)  # the driver (this process and `rca run`) reaches S3 through the env alone
-        yield SimpleNamespace(s3=s3, ray=ray_cluster, api=prefect_server, work=work, base=base)
+        yield SimpleNamespace(s3=s3, ray=ray_cluster, api=prefect_server, work=work, base=base, slow=slow)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -124,7 +126,7 @@ def load(cfg_path: Path):
 
 
 def stage_out(cfg, name: str):
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     return ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint)
@@ -141,7 +143,7 @@ def s3fs_fresh(c):
 
 def copy_stages_s3(c, src_cfg, dst_store: str, stages: list[str]) -> None:
     """Server-side copies of finished stages (same keys) from one S3 store to another: a head start."""
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     fs = s3fs_fresh(c)
     src, dst = src_cfg.store.split("://", 1)[1], dst_store.split("://", 1)[1]
@@ -243,8 +245,8 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
     cfg = load(cfg_path)
     rw = stage_out(cfg, "random_walk")
     n = cfg.data.demo.n_train
-    p = popen(c, ["run", "-c", str(cfg_path), "--stage", "random_walk"], cwd=where / "cwd",
-              env={"RCA_FAULT_IMAGE_DELAY": "0.5"})
+    set_delays(c.slow, image_delay=0.5)  # the cluster's workers slow down: the kill lands mid-stage
+    p = popen(c, ["run", "-c", str(cfg_path), "--stage", "random_walk"], cwd=where / "cwd")
     try:
         finished = _wait(lambda: (lambda d: d if 4 <= len(d) <= n - 8 else None)(
             [i for i in (rw.listed_ids() if rw.fields else []) if rw.is_done(i)]), 300, "random_walk half way", p)
@@ -252,6 +254,7 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
         c.ray.kill_node2_raylet()
         stdout, _ = p.communicate(timeout=600)
     finally:
+        set_delays(c.slow)
         if p.poll() is None:
             os.killpg(p.pid, 9)
     c.ray.restart_node2()
@@ -286,8 +289,8 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
     aff = stage_out(cfg, "affinity_train")
     fs = s3fs_fresh(c)
     ray_train = f"{store.split('://', 1)[1]}/{aff.key}/files/ray_train"
-    p = popen(c, ["run", "-c", str(cfg_path), "--stage", "affinity_train"], cwd=where / "cwd",
-              env={"RCA_FAULT_EPOCH_DELAY": "3"})
+    set_delays(c.slow, epoch_delay=3)  # a pause after every checkpoint: the kill lands between epochs
+    p = popen(c, ["run", "-c", str(cfg_path), "--stage", "affinity_train"], cwd=where / "cwd")
     try:
         # a checkpoint counts once Ray Train's controller has registered it (its manager snapshot is written
         # then); the checkpoint's own file appears earlier, and a node lost in between restarts from scratch
@@ -296,6 +299,7 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
         c.ray.kill_node2_raylet()
         stdout, _ = p.communicate(timeout=600)
     finally:
+        set_delays(c.slow)
         if p.poll() is None:
             os.killpg(p.pid, 9)
     c.ray.restart_node2()
@@ -318,6 +322,6 @@ def test_node_that_cannot_see_the_store_fails_fast_naming_it(cluster, tmp_path_f
     assert res.returncode != 0, out[-3000:]
     assert c.ray.node2_id[:12] in out and "cannot read the store marker" in out, out[-3000:]
     assert wall < 60, f"took {wall:.0f} s"
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     assert not (where / "local-store" / plan(load(cfg_path))["cam_train"].key / "files" / "ray_train").exists()

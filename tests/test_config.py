@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rca_core.config import ConfigError, load_config, parse_overrides
-from rca_core.stages import plan
+from rca_core.stages.planning import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

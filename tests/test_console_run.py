@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, copy_stages, write_config
 import prefect_api
+from harness.slowdown import slowdown_env
 
 pytestmark = pytest.mark.slow
 RCA = str(Path(sys.executable).with_name("rca"))
@@ -141,7 +142,7 @@ def test_stage_in_a_terminal_live_line_and_verbose(reference_run, prefect_server
     assert reference_run["rc"] == 0
     cfg_path = write_config(tmp_path / "tty")
     copy_stages(load_config(reference_run["config"]), load_config(cfg_path), ["cam_train", "memory_build", "cam_infer"])
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "RCA_FAULT_IMAGE_DELAY": "0.2", "TERM": "xterm"}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, **slowdown_env(tmp_path, image_delay=0.2), "TERM": "xterm"}
     rc, raw = _run_in_pty([RCA, "stage", "crf_labels", "-c", str(cfg_path), "--no-with-upstream", "--verbose"], env)
     shown = screen(raw)
     assert rc == 0, "\n".join(shown[-60:])

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import copy_stages, rca_run, write_config
 import prefect_api
+from harness.slowdown import slowdown_env
 
 pytestmark = pytest.mark.slow
 PER_IMAGE = ["memory_build", "cam_infer", "crf_labels", "random_walk", "seg_eval"]
@@ -23,7 +24,7 @@ PER_IMAGE = ["memory_build", "cam_infer", "crf_labels", "random_walk", "seg_eval
 def per_image_outputs(config: Path, stages=PER_IMAGE) -> dict[str, bytes]:
     """Every per-image array of the per-image stages, as raw bytes (+ its attrs), keyed by stage/field/id."""
     from rca_core.config import load_config
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     cfg = load_config(config)
@@ -70,7 +71,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     byte-identical to the uninterrupted reference run. To keep CI short the killed run starts from a
     store holding copies of the reference's CAM stages (same fingerprints); CRF and AffinityNet run in it."""
     from rca_core.config import load_config
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     assert reference_run["rc"] == 0
@@ -79,7 +80,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     cfg = load_config(cfg_path)
     copy_stages(ref_cfg, cfg, ["cam_train", "memory_build", "cam_infer", "cam_eval"])
     rw = ArtifactStore(cfg.store).stage("random_walk", plan(cfg)["random_walk"].fingerprint)
-    p = rca_run(cfg_path, prefect_server, {"RCA_FAULT_IMAGE_DELAY": "0.4"},  # slow per-image work down
+    p = rca_run(cfg_path, prefect_server, slowdown_env(tmp_path, image_delay=0.4),  # slow per-image work down
                 args=["--stage", "random_walk"])
     n = cfg.data.demo.n_train
     deadline = time.time() + 900
@@ -119,7 +120,7 @@ def _kill_one_shard_worker(stop: threading.Event, killed: list) -> None:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"ray::StageActorImpl" in cmd:
+            if b"ray::StageActor" in cmd:
                 time.sleep(0.5)  # let it get into its shard
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -135,7 +136,7 @@ def test_ray_worker_killed_mid_stage(reference_run, tmp_path, monkeypatch):
     import ray
 
     from rca_core.config import load_config
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
     from tasks.per_image import run_per_image_stage
 
@@ -143,7 +144,8 @@ def test_ray_worker_killed_mid_stage(reference_run, tmp_path, monkeypatch):
     ref_cfg = load_config(reference_run["config"])
     cfg = ref_cfg.model_copy(update={"store": str(tmp_path / "store")})
     copy_stages(ref_cfg, cfg, ["cam_train", "memory_build", "cam_infer"])
-    monkeypatch.setenv("RCA_FAULT_IMAGE_DELAY", "0.2")
+    for k, v in slowdown_env(tmp_path, image_delay=0.2).items():  # for the workers of the Ray started below
+        monkeypatch.setenv(k, v)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         stop, killed = threading.Event(), []

@@ -15,7 +15,7 @@ def cam_run(tmp_path_factory):
     import torch
 
     from rca_core.config import load_config
-    from rca_core.stages import run_stage
+    from rca_core.stages.local import run_stage
 
     torch.set_num_threads(1)
     cfg = load_config(write_config(tmp_path_factory.mktemp("actors_base"), ray={"shard_size": 4}))
@@ -32,7 +32,7 @@ def ray_with_a_gpu():
     try:
         yield ray
     finally:
-        from tasks.per_image import release_pools
+        from tasks.actor_pool import release_pools
 
         release_pools()
         ray.shutdown()
@@ -47,7 +47,7 @@ def fresh_copy(cam_run, tmp_path, stages, **ray_overrides):
 
 
 def test_balanced_shards():
-    from tasks.per_image import balanced_shards
+    from tasks.actor_pool import balanced_shards
 
     ids = [str(i) for i in range(400)]
     shards = balanced_shards(ids, 64, 2)
@@ -90,7 +90,7 @@ def test_driver_reads_no_image_during_a_stage(cam_run, tmp_path, ray_with_a_gpu,
         assert summary["images"] > 0
     assert reads == [], reads[:5]
     # and the scores came back from the workers
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     out = ArtifactStore(cfg.store).stage("crf_labels", plan(cfg)["crf_labels"].fingerprint)
@@ -106,24 +106,27 @@ def test_driver_reads_no_image_during_a_stage(cam_run, tmp_path, ray_with_a_gpu,
 
 
 @pytest.fixture
-def ray_two_cpus(request):
-    """A local Ray with 2 CPUs and no GPU; `RCA_FAULT_EPOCH_DELAY` for its workers from the test's marker."""
+def ray_two_cpus(request, tmp_path):
+    """A local Ray with 2 CPUs and no GPU; its workers wait the test's marker (seconds) after every training
+    checkpoint (tests/harness/slowdown.py)."""
     import ray
 
+    from harness.slowdown import slowdown_env
+
     delay = getattr(request, "param", None)
-    env = {"env_vars": {"RCA_FAULT_EPOCH_DELAY": str(delay)}} if delay else None
+    env = {"env_vars": slowdown_env(tmp_path, epoch_delay=delay)} if delay else None
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     try:
         yield ray
     finally:
-        from tasks.per_image import release_pools
+        from tasks.actor_pool import release_pools
 
         release_pools()
         ray.shutdown()
 
 
 def _pids(cfg, stage) -> set[int]:
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     out = ArtifactStore(cfg.store).stage(stage, plan(cfg)[stage].fingerprint)
@@ -131,7 +134,7 @@ def _pids(cfg, stage) -> set[int]:
 
 
 def _stage(cfg, name):
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     return ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint)
@@ -143,7 +146,7 @@ def test_one_worker_training_runs_on_the_pool_which_lives_on(cam_run, tmp_path, 
     trained weights are those of the same stage run in a plain loop."""
     import torch
 
-    from rca_core.stages import run_stage
+    from rca_core.stages.local import run_stage
     from rca_core.train_utils import load_torch
     from tasks.per_image import run_per_image_stage
     from tasks.training import run_training_stage

@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent('''
         os.environ["RCA_NO_PROGRESS"] = "1"
         torch.set_num_threads(1)
         from rca_core.config import load_config
-        from rca_core.stages import make_context, affinity_train, cam_train, seg_train
+        from rca_core.stages.context import make_context
+        from rca_core.stages import affinity_train, cam_train, seg_train
         from rca_core.store import ArtifactStore
         cfg = load_config({tiny!r}, overrides(tmp, tag))
         store = ArtifactStore(cfg.store)
@@ -111,7 +112,7 @@ def write_crf_labels(tmp: Path, tag: str) -> None:
     from scipy import ndimage
 
     from rca_core.config import load_config
-    from rca_core.stages import make_context
+    from rca_core.stages.context import make_context
     from rca_core.store import ArtifactStore
 
     sys.path.insert(0, str(ROOT))

@@ -32,7 +32,8 @@ def base(tmp_path_factory):
     import torch
 
     from rca_core.config import load_config
-    from rca_core.stages import plan, run_stage
+    from rca_core.stages.planning import plan
+    from rca_core.stages.local import run_stage
 
     torch.set_num_threads(1)
     cfg = load_config(write_config(tmp_path_factory.mktemp("reliability_base")))
@@ -52,7 +53,7 @@ def clone(base, path: Path, stages: list[str], **overrides):
 
 def stage_bytes(cfg, names: list[str]) -> dict[str, bytes]:
     """Every file of the given stages in the store, keyed by relative path."""
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     root = Path(cfg.store)
     out = {}
@@ -63,7 +64,7 @@ def stage_bytes(cfg, names: list[str]) -> dict[str, bytes]:
 
 
 def stage_out(cfg, name: str):
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
     return ArtifactStore(cfg.store).stage(name, plan(cfg)[name].fingerprint)
@@ -84,7 +85,7 @@ def train_ids(cfg) -> list[str]:
 
 
 def run(name, cfg):
-    from rca_core.stages import run_stage
+    from rca_core.stages.local import run_stage
 
     return run_stage(name, cfg, show_progress=False)
 

@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent('''
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
         from rca_core.config import load_config
-        from rca_core.stages import make_context, seg_train
+        from rca_core.stages.context import make_context
+        from rca_core.stages import seg_train
         from rca_core.store import ArtifactStore
         cfg = load_config({tiny!r}, {{"store": tmp + "/store", "data": {{"root": tmp + "/data"}},
             "compute": {{"device": "cpu"}}, "segmenter": {{"labels": "gt", "width": 8, "epochs": 1,

@@ -7,7 +7,9 @@ import torch
 
 from rca_core.config import load_config
 from rca_core.metrics import ConfusionMatrix
-from rca_core.stages import make_context, plan, run_stage
+from rca_core.stages.context import make_context
+from rca_core.stages.planning import plan
+from rca_core.stages.local import run_stage
 from rca_core.store import ArtifactStore
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

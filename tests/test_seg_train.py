@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from rca_core.config import load_config
-from rca_core.stages import make_context, plan, run_stage
+from rca_core.stages.context import make_context
+from rca_core.stages.planning import plan
+from rca_core.stages.local import run_stage
 from rca_core.stages import seg_train
 from rca_core.store import ArtifactStore
 

@@ -2,7 +2,7 @@
 rows for images finished before an interruption."""
 import numpy as np
 
-from rca_core.stages import KEPT, new_manifest_rows, process_images
+from rca_core.stages.runner import KEPT, new_manifest_rows, process_images
 from rca_core.store import ArtifactStore
 
 
@@ -31,7 +31,7 @@ def test_finished_images_are_verified_and_kept_damaged_ones_recomputed(tmp_path)
     assert worker.calls == ["c", "d"]
     status = {r["image_id"]: r["status"] for r in rows}
     assert status == {"a": KEPT, "b": KEPT, "c": "done", "d": "done"}
-    new = new_manifest_rows(out, rows)
+    new = new_manifest_rows(rows, set(out.manifest().column("image_id").to_pylist()))
     assert sorted(r["image_id"] for r in new) == ["b", "c", "d"]  # a is in the manifest already
     out.write_manifest(new)
     man = {r["image_id"]: r for r in out.manifest().to_pylist()}

@@ -77,7 +77,7 @@ def test_local_weights_are_staged_into_a_remote_store_without_changing_stage_key
     import torch
 
     from rca_core.config import load_config, stage_weights
-    from rca_core.stages import plan
+    from rca_core.stages.planning import plan
 
     weights = tmp_path / "w.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, weights)

@@ -155,7 +155,7 @@ def test_every_stage_of_voc12_completes_at_voc_size(voc_run):
     import yaml
 
     from rca_core.config import config_from_dict
-    from rca_core.stages import STAGES
+    from rca_core.stages.registry import STAGE_NAMES as STAGES
     from rca_core.store import ArtifactStore
 
     store_dir = voc_run["cwd"] / "runs" / "voc12" / "store"  # the config's relative store, under the user's cwd

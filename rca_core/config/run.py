@@ -36,6 +36,10 @@ class RayConfig(StrictModel):
         "with num_workers 1, still start a Ray Train worker group (default: one Ray task, no group)"))
     preflight_timeout_s: float = Field(30.0, gt=0, description=(
         "before a stage fans out, each node must read a marker in the store and see the data within this time"))
+    stage_gpus: dict[str, bool] = Field(default_factory=dict, description=(
+        "per stage: whether its workers ask for a GPU where the cluster has one (true) or run on CPUs only (false); "
+        "a stage not named keeps its default (cam_train, memory_build, cam_infer, affinity_train, seg_train, "
+        "seg_eval: GPU; cam_eval, crf_labels, random_walk: CPU)"))
 
 
 class StorageConfig(StrictModel):
@@ -156,7 +160,7 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     """A copy whose local pretrained-weight files are copied into the store (once, by content hash) and
     named by their store URL, so that workers on nodes that cannot see the driver's disk load them.
     Only for remote stores; local stores keep the (absolute) paths. Stage keys do not change: they hash
-    the weights' content, not their location (rca_core.stages.weights_identity)."""
+    the weights' content, not their location (rca_core.stages.planning.weights_identity)."""
     from rca_core import storage
 
     store_url = store_url or cfg.store

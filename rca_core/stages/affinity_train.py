@@ -99,7 +99,7 @@ def train(cfg: RunConfig, ctx: StageContext) -> dict:
     acfg = cfg.refine.affinity
     device = ctx.device
     tu.seed_everything(cfg.seed)
-    data = AffinityCrops(ctx.dataset, ctx.ids, ctx.inputs["crf_labels"], acfg, cfg.seed)
+    data = AffinityCrops(ctx.dataset, ctx.ids, ctx.inputs["labels"], acfg, cfg.seed)
     global_batch, per_rank = tu.split_batch(acfg.batch_size, len(data), "refine.affinity.batch_size")
     sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed * 1000 + 1)
     net = sync_batchnorm(AffinityNet(acfg), device).to(device)

@@ -3,7 +3,7 @@
 For each threshold t a pixel gets the class of its largest CAM when that CAM is > t, else background
 (CAMs hold ground-truth classes only). The workers stream their images into one confusion matrix per
 threshold (rca_core.metrics, ground-truth 255 ignored) and hand them back with each shard; finalize merges
-them (no per-image reads on the driver). Nothing is stored per image (FIELDS is empty): a resumed run
+them (no per-image reads on the driver). Nothing is stored per image (its record has no fields): a resumed run
 scores every image again, which is cheap. Outputs: table `curve` (threshold, miou, precision, recall,
 pixel_accuracy), table `per_class` at the best threshold, and the summary (best threshold, its mIoU /
 precision / recall, per-class IoU, the whole curve, the split and the number of images scored).
@@ -16,12 +16,6 @@ from rca_core.cam_ops import decode_cam
 from rca_core.metrics import ConfusionMatrix
 from rca_core.train_utils import progress
 
-STAGE = "cam_eval"
-CODE_VERSION = "1"
-INPUTS = ("cam_infer",)
-FIELDS: list[str] = []
-PREFETCH = ("mask", "cam_infer/cam")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class ThresholdSweep:
@@ -96,7 +90,7 @@ def _names(cfg, ctx) -> list[str] | None:
 class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
-        self.cams = ctx.inputs["cam_infer"]
+        self.cams = ctx.inputs["cams"]
         self.sweep = ThresholdSweep(cfg.data.num_classes, cfg.cam_eval.thresholds, _names(cfg, ctx))
 
     def process(self, image_id: str) -> dict:

@@ -16,21 +16,15 @@ from rca_core.cam_ops import encode_cam, multiscale_cam, tags_to_indices
 from rca_core.models.cam_net import load_cam_net
 from rca_core.stages.memory_build import load_prototypes
 
-STAGE = "cam_infer"
-CODE_VERSION = "2"
-INPUTS = ("cam_train", "memory_build")
-FIELDS = ["cam"]
-PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].file("model.pt"), ctx.device)
+        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"), ctx.device)
         if self.model.use_aggregation:
-            protos, valid = load_prototypes(ctx.inputs["memory_build"])
+            protos, valid = load_prototypes(ctx.inputs["prototypes"])
             self.model.set_prototypes(protos.to(ctx.device), valid.to(ctx.device))
 
     def cams(self, image_id: str) -> tuple[np.ndarray, list[int]]:

@@ -14,12 +14,6 @@ from rca_core.crf import IGNORE, confident_labels
 from rca_core.stages.context import StageContext
 from rca_core.stages.label_scoring import LabelScorer, merge_scores
 
-STAGE = "crf_labels"
-CODE_VERSION = "1"
-INPUTS = ("cam_infer",)
-FIELDS = ["crf_label"]
-PREFETCH = ("image", "cam_infer/cam", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 def read_cams(cam_out, image_id: str) -> tuple[np.ndarray, list[int]]:
@@ -37,7 +31,7 @@ def read_cams(cam_out, image_id: str) -> tuple[np.ndarray, list[int]]:
 class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
-        self.cams = ctx.inputs["cam_infer"]
+        self.cams = ctx.inputs["cams"]
         self.scorer = LabelScorer(ctx, cfg.data.num_classes)
 
     def process(self, image_id: str) -> dict:

@@ -20,19 +20,13 @@ from rca_core.kmeans import class_prototypes
 from rca_core.models.cam_net import load_cam_net
 from rca_core.models.projection import region_embeddings, region_masks
 
-STAGE = "memory_build"
-CODE_VERSION = "1"
-INPUTS = ("cam_train",)
-FIELDS = ["emb"]
-PREFETCH = ("image",)  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["cam_train"].file("model.pt"), ctx.device)
+        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"), ctx.device)
         self._part: list = []
 
     @torch.no_grad()

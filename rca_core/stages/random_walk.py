@@ -23,25 +23,19 @@ from rca_core.stages.context import StageContext
 from rca_core.stages.crf_labels import read_cams
 from rca_core.stages.label_scoring import LabelScorer, merge_scores
 
-STAGE = "random_walk"
-CODE_VERSION = "1"
-INPUTS = ("cam_infer", "affinity_train")
-FIELDS = ["pseudo_mask"]
-PREFETCH = ("image", "cam_infer/cam", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = False  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
-        self.cams = ctx.inputs["cam_infer"]
+        self.cams = ctx.inputs["cams"]
         self.scorer = LabelScorer(ctx, cfg.data.num_classes)
         self.saliency = cfg.refine.saliency.enabled
         if self.saliency and not cfg.data.saliency_dir:
             raise ValueError("refine.saliency.enabled needs data.saliency_dir (a folder of <id>.png saliency maps)")
         self.net = None
         if not self.saliency:
-            aff_out = ctx.inputs["affinity_train"]
+            aff_out = ctx.inputs["affinity"]
             if not aff_out.has_file("model.pt"):
                 raise FileNotFoundError(f"no trained AffinityNet in {aff_out.uri}/files/model.pt")
             self.net = load_affinity_net(cfg.refine.affinity, aff_out.file("model.pt"), ctx.device)

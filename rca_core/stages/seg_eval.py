@@ -18,19 +18,13 @@ from rca_core.predict import Predictor, load_segmenter
 from .context import StageContext
 from .seg_train import MODEL_FILE
 
-STAGE = "seg_eval"
-CODE_VERSION = "1"
-INPUTS = ["seg_train"]
-FIELDS = ["pred"]
-PREFETCH = ("image", "mask")  # read/decoded ahead on I/O threads (rca_core.stages.process_images)
-USES_GPU = True  # actors of this stage ask for a GPU where the cluster has one (tasks/per_image.py)
 
 
 class Worker:
     def __init__(self, cfg: RunConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
         seg = cfg.segmenter
-        model, meta = load_segmenter(ctx.inputs["seg_train"].file(MODEL_FILE), ctx.device)
+        model, meta = load_segmenter(ctx.inputs["model"].file(MODEL_FILE), ctx.device)
         if int(meta["num_classes"]) != cfg.data.num_classes:
             raise ValueError(f"segmenter has {meta['num_classes']} classes, data.num_classes is {cfg.data.num_classes}")
         self.predictor = Predictor(model, meta, ctx.device, seg.eval_scales, seg.eval_flip)

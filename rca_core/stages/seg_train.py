@@ -1,7 +1,7 @@
 """Training stage: the DeepLab segmenter on pseudo-masks (or ground truth: the fully supervised upper bound).
 
 Masks: `cfg.segmenter.labels == "pseudo"` reads each training image's "pseudo_mask" from the random_walk
-stage (`ctx.inputs["random_walk"]`); `"gt"` reads the data set's ground truth (`ctx.dataset.mask`).
+stage (`ctx.inputs["masks"]`); `"gt"` reads the data set's ground truth (`ctx.dataset.mask`).
 255 is ignored by the loss. Augmentation (method.md section 6 / torchvision references): random rescale
 in `scale_range`, horizontal flip, pad (image with the mean colour, mask with 255) and random crop to
 `crop_size`. Every random choice of an item comes from a generator seeded with (seed, epoch, index) and
@@ -95,10 +95,10 @@ def mask_reader(cfg: RunConfig, ctx: StageContext):
     """The function image_id -> training mask, by cfg.segmenter.labels."""
     if cfg.segmenter.labels == "gt":
         return ctx.dataset.mask
-    src = ctx.inputs.get("random_walk")
+    src = ctx.inputs.get("masks")
     if src is None:
         raise RuntimeError("seg_train with segmenter.labels='pseudo' needs the random_walk stage's pseudo-masks "
-                           "(ctx.inputs['random_walk']); set segmenter.labels: gt for the fully supervised bound")
+                           "(ctx.inputs['masks']); set segmenter.labels: gt for the fully supervised bound")
     return PseudoMasks(src)
 
 
