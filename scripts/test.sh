@@ -4,6 +4,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
-bash scripts/venv.sh
+bash scripts/venv.sh test
 source scripts/env.sh
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=30 "$@"

@@ -5,7 +5,7 @@ UI; Custom run with one parameter edited in the form; waits for completion; chec
 that the run used the edited value; checks the metrics artifact on the run page; saves screenshots
 to runs/test-output/ui/. A second run with the same parameters shows its stages as Cached. The run
 report opened in the same browser renders (no broken image, no console error).
-Installs Debian's chromium (apt-get) and the playwright package (pip) itself when missing.
+Installs Debian's chromium (apt-get) when missing; the playwright package comes with the test extra.
 """
 from __future__ import annotations
 
@@ -34,12 +34,6 @@ def ensure_browser() -> None:
         subprocess.run(apt + ["update", "-qq"], check=False, capture_output=True, timeout=300)
         r = subprocess.run(apt + ["install", "-y", "-qq", "chromium"], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and Path(CHROMIUM).exists(), f"installing chromium failed: {r.stderr[-2000:]}"
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, f"pip install playwright failed: {r.stderr[-2000:]}"
 
 
 @pytest.fixture(scope="module")
