@@ -149,11 +149,12 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-def _out_of_time(run: Run, max_seconds: float | None, device: torch.device) -> bool:
-    """Whether the training time over all calls exceeds max_seconds, decided by all ranks together."""
+def _out_of_time(run: Run, max_seconds: float | None, device: torch.device, earlier_calls_only: bool = False) -> bool:
+    """Whether the training time over all calls (or only that of the earlier calls) exceeds max_seconds,
+    decided by all ranks together."""
     if not max_seconds:
         return False
-    over = float(run.elapsed() > max_seconds)
+    over = float((run.elapsed_before if earlier_calls_only else run.elapsed()) > max_seconds)
     return tu.all_reduce_mean(over, device) > 0
 
 
@@ -260,8 +261,8 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
         log.info("%s: resumed from %s at epoch %d, step %d", stage.name, ckpt.describe(), start_epoch, run.step)
     run.t_start = time.time()
     run.finished = run.finished or run.stopped_early or run.step >= total_steps
-    if not run.finished and _out_of_time(run, setup.max_seconds, device):  # the budget was spent in earlier calls
-        run.finished = run.stopped_early = True
+    if state and not run.finished and _out_of_time(run, setup.max_seconds, device, earlier_calls_only=True):
+        run.finished = run.stopped_early = True  # the budget was spent by earlier calls: no step more
 
     epochs_this_call = 0
     for epoch in range(start_epoch, run.n_epochs):
