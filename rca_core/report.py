@@ -238,6 +238,8 @@ def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str 
             parts += [f"<h3>Precision and recall per class: {label}</h3>",
                       _html_table(rows, ["class", "iou", "precision", "recall"])]
     histories = {r.name: _table(store, cfg, r.name, "history") for r in registry.by_kind("training")}
+    if not histories.get("seg_train"):  # seg_train outputs written before its table was named "history" (same key)
+        histories["seg_train"] = _table(store, cfg, "seg_train", "epochs")
     if _curves(histories, _table(store, cfg, "cam_eval", "curve"), out_dir / "curves.png"):
         parts += ["<h2>Training curves and CAM threshold sweep</h2>", '<img src="curves.png" alt="training curves">']
     cols = _sample_grid(store, cfg, out_dir / "samples.png")

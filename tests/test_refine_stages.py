@@ -93,7 +93,9 @@ def test_affinity_train_checkpoint_resume(setup, tmp_path):
     assert not ctx2.out.has_file("model.pt") and ctx2.out.has_file("checkpoint.pt")
     ctx2.dataset = ctx.dataset
     resumed = affinity_train.train(cfg, ctx2)
-    assert resumed["steps"] == full["steps"] and resumed["history"][0] == full["history"][0]
+    assert resumed["steps"] == full["steps"]
+    assert {k: v for k, v in resumed["history"][0].items() if k != "seconds"} == \
+        {k: v for k, v in full["history"][0].items() if k != "seconds"}  # rows hold the epoch's wall time
     w_res = torch.load(ctx2.out.file("model.pt").path, weights_only=True)["model"]
     for k in w_full:
         assert torch.allclose(w_full[k].float(), w_res[k].float(), atol=1e-6), k

@@ -6,8 +6,10 @@ crop_size (image padded with the mean, labels with 255); the label crop is sampl
 radius; PSA's balanced loss. Poly lr; optimizer "auto" = PSA's SGD (new layers 10x) when the backbone starts
 from pretrained weights, AdamW (new layers 1x) from scratch (the demo's small backbone: SGD at the demo's
 lr 1e-3 left the affinities nearly unseparated - pos 0.45-0.58 vs neg 0.38 - after 3 epochs).
-Checkpoint every epoch to files/checkpoint.pt (atomic), resumed from there; final weights files/model.pt;
-per-epoch losses in the table "history".
+The loop (batches, DDP, poly lr, checkpoint + RNG state every epoch to files/checkpoint.pt, resume,
+max_seconds, per-epoch history) is rca_core.training_loop; this module supplies `AffinityTraining`: the data
+set, the network and optimizer groups and the loss terms. Final weights files/model.pt (save_checkpoint
+format: {"model", "epoch", "step", "extra"}); per-epoch losses in the table "history".
 
 Workers: `refine.affinity.batch_size` is the global batch, split as evenly as possible over the ranks by
 train_utils.GlobalBatchSampler (same images per step, same steps and lr schedule for any worker count);
@@ -17,13 +19,10 @@ only the affinity head trains.
 """
 from __future__ import annotations
 
-import math
-import time
-
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from rca_core import train_utils as tu
 from rca_core.affinity_labels import IGNORE, affinity_labels, downsample_labels
@@ -32,10 +31,8 @@ from rca_core.config.refine import AffinityConfig
 from rca_core.models.affinity_net import AffinityNet, affinity_loss, image_to_tensor
 from rca_core.models.norm import sync_batchnorm
 from rca_core.stages.context import StageContext
+from rca_core.training_loop import Run, Setup, Step, TrainingStage, fit, make_optimizer
 
-STAGE = "affinity_train"
-CODE_VERSION = "2"  # 2: batch_size is the global batch; backbone batchnorm / frozen_stages
-INPUTS = ("crf_labels",)
 
 
 class AffinityCrops(Dataset):
@@ -44,6 +41,9 @@ class AffinityCrops(Dataset):
     def __init__(self, dataset, ids: list[str], labels_out, cfg: AffinityConfig, seed: int):
         self.dataset, self.ids, self.labels, self.cfg, self.seed = dataset, list(ids), labels_out, cfg, seed
         self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,80 +90,39 @@ def build_optimizer(net: AffinityNet, cfg: AffinityConfig) -> torch.optim.Optimi
     mult = cfg.lr_mult_new if cfg.lr_mult_new is not None else (10.0 if kind == "sgd" else 1.0)
     backbone, new = net.parameter_groups()
     groups = [{"params": backbone, "lr": cfg.lr}, {"params": new, "lr": cfg.lr * mult}]
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return make_optimizer(kind, groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train(cfg: RunConfig, ctx: StageContext) -> dict:
-    acfg = cfg.refine.affinity
-    device = ctx.device
-    tu.seed_everything(cfg.seed)
-    data = AffinityCrops(ctx.dataset, ctx.ids, ctx.inputs["labels"], acfg, cfg.seed)
-    global_batch, per_rank = tu.split_batch(acfg.batch_size, len(data), "refine.affinity.batch_size")
-    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed * 1000 + 1)
-    net = sync_batchnorm(AffinityNet(acfg), device).to(device)
-    opt = build_optimizer(net, acfg)
-    model = tu.wrap_ddp(net, device)
-    steps_per_epoch = len(sampler)
-    max_steps = max(1, int(round(acfg.epochs * steps_per_epoch)))
-    n_epochs = math.ceil(max_steps / steps_per_epoch)
+class AffinityTraining(TrainingStage):
+    """affinity_train's part of the training loop: AffinityNet and PSA's balanced loss terms."""
+    name = "affinity_train"
+    loss_keys = ("loss", "bg_pos", "fg_pos", "neg")
+    nonfinite_hint = ("lower refine.affinity.lr; a frozen backbone needs weights whose BatchNorm statistics fit "
+                      "them (refine.affinity.backbone.pretrained)")
 
-    ckpt = ctx.checkpointer()
-    state = tu.load_checkpoint(ckpt, net, opt)
-    start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
-    history = list(state["extra"].get("history", [])) if state else []
-    elapsed = float(state["extra"].get("seconds", 0.0)) if state else 0.0
-    stopped_early = bool(state["extra"].get("stopped_early", False)) if state else False
+    def __init__(self, cfg: RunConfig, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
 
-    for epoch in range(start_epoch, n_epochs):
-        if stopped_early or step >= max_steps:
-            break
-        data.epoch = epoch
-        sampler.set_epoch(epoch)
-        loader = DataLoader(data, batch_sampler=sampler, num_workers=acfg.num_workers)
-        model.train()
-        t0 = time.time()
-        sums = {"loss": 0.0, "bg_pos": 0.0, "fg_pos": 0.0, "neg": 0.0}
-        n, lr = 0, None
-        for x, y in tu.progress(loader, desc=f"affinity_train epoch {epoch + 1}/{n_epochs}"):
-            if step >= max_steps:
-                break
-            lr = tu.set_poly_lr(opt, step, max_steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses = affinity_loss(model(x), affinity_labels(y, acfg.radius), mean=tu.global_mean)
-            tu.check_finite(losses["loss"], f"affinity_train: loss at step {step} (epoch {epoch + 1})", device,
-                            "lower refine.affinity.lr; a frozen backbone needs weights whose BatchNorm statistics fit "
-                            "them (refine.affinity.backbone.pretrained)")
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            step += 1
-            n += 1
-            if ctx.progress is not None:
-                ctx.progress(step, max_steps)
-            for k in sums:
-                sums[k] += float(losses[k].detach())
-            if acfg.max_seconds:  # every rank stops at the same step (DDP)
-                over = float(elapsed + time.time() - t0 > acfg.max_seconds)
-                if tu.all_reduce_mean(over, device) > 0:
-                    stopped_early = True
-                    break
-        elapsed += time.time() - t0
-        history.append({"epoch": epoch + 1, "steps": n, "global_step": step, "lr": lr, **{k: tu.all_reduce_mean(v / max(n, 1), device)
-                                                           for k, v in sums.items()}})
-        tu.save_checkpoint(ckpt, net, opt, epoch + 1, step,
-                           extra={"history": history, "seconds": elapsed, "stopped_early": stopped_early})
+    def setup(self) -> Setup:
+        cfg, acfg, device = self.cfg, self.cfg.refine.affinity, self.ctx.device
+        data = AffinityCrops(self.ctx.dataset, self.ctx.ids, self.ctx.inputs["labels"], acfg, cfg.seed)
+        self.net = net = sync_batchnorm(AffinityNet(acfg), device).to(device)
+        return Setup(net, build_optimizer(net, acfg), data, batch_size=acfg.batch_size,
+                     batch_key="refine.affinity.batch_size", epochs=acfg.epochs, sampler_seed=cfg.seed * 1000 + 1,
+                     num_workers=acfg.num_workers, max_seconds=acfg.max_seconds)
 
-    if tu.is_main():
-        tu.save_checkpoint(ctx.out.file("model.pt"), net, None, len(history), step, with_rng=False)
-        if history:
-            ctx.out.write_table("history", history)  # per-epoch losses (the run report plots "loss")
-    tu.barrier()
-    return {"steps": step, "max_steps": max_steps, "epochs": len(history), "train_seconds": elapsed,
-            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "per_rank_batch": per_rank,
-            "world_size": tu.world_size(),
-            "trainable_parameters": sum(p.numel() for g in opt.param_groups for p in g["params"]),
-            "resumed_from_epoch": state["epoch"] if state else None,
-            "stopped_early": stopped_early, "history": history,
-            "final_loss": history[-1]["loss"] if history else None}
+    def loss(self, model, batch, at: Step) -> dict:
+        x, y = batch
+        return affinity_loss(model(x), affinity_labels(y, self.cfg.refine.affinity.radius), mean=tu.global_mean)
+
+    def write_outputs(self, run: Run) -> None:
+        tu.save_checkpoint(self.ctx.out.file("model.pt"), self.net, None, len(run.history), run.step, with_rng=False)
+
+    def summary(self, run: Run) -> dict:
+        return {"epochs": len(run.history)}
+
+
+def train(cfg: RunConfig, ctx: StageContext, stop_after_epochs: int | None = None) -> dict:
+    """Train (or resume) AffinityNet; returns the stage summary. `stop_after_epochs`: as in
+    rca_core.training_loop.fit (files/model.pt is written only once training is finished)."""
+    return fit(AffinityTraining(cfg, ctx), ctx, cfg.seed, stop_after_epochs=stop_after_epochs)

@@ -18,21 +18,22 @@ trainable BatchNorm layers are synchronised over the ranks (rca_core.models.norm
 every loss term is a mean over the global batch (train_utils.global_mean: images, contrast anchors),
 so DDP's gradient average is the single-worker gradient.
 
-The checkpoint (every epoch, atomic) holds the model (incl. memory queues and prototypes), optimizer, epoch, step, RNG states,
-the per-epoch history and the elapsed time. Outputs: files/model.pt (state dict), table `history`
-(one row per epoch: losses, classification mAP on the training batches, memory fill, seconds).
+The loop itself (batches, DDP, poly lr, checkpoint + RNG state every epoch, max_seconds, history) is
+rca_core.training_loop; this module supplies `CamTraining`: the model and optimizer groups, the loss of a
+batch, the prototype refresh at epoch start, the memory-bank writes after each optimizer step and the
+per-epoch mAP / memory metrics. The checkpoint holds the model incl. memory queues and prototypes.
+Outputs: files/model.pt (state dict), table `history` (one row per epoch: losses, classification mAP on
+the training batches, memory writes / fill, valid prototypes, seconds).
 """
 from __future__ import annotations
 
-import logging
 import math
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from rca_core import train_utils as tu
 from rca_core.cam_ops import normalize_image, tags_to_indices
@@ -40,11 +41,8 @@ from rca_core.losses.contrast import semantic_contrast_loss
 from rca_core.models.cam_net import CamNet
 from rca_core.models.norm import sync_batchnorm
 from rca_core.models.projection import region_embeddings, region_masks
+from rca_core.training_loop import Run, Setup, Step, TrainingStage, fit, make_optimizer
 
-STAGE = "cam_train"
-CODE_VERSION = "2"  # 2: batch_size is the global batch; batchnorm / frozen_stages
-INPUTS: tuple[str, ...] = ()
-log = logging.getLogger("rca.cam_train")
 
 
 class CamTrainSet(Dataset):
@@ -98,13 +96,92 @@ def build_optimizer(model: CamNet, tc) -> torch.optim.Optimizer:
     mult_rca = tc.lr_mult_new if tc.lr_mult_rca is None else tc.lr_mult_rca
     groups = [{"params": bb, "lr": tc.lr}, {"params": head, "lr": tc.lr * tc.lr_mult_new},
               {"params": rca, "lr": tc.lr * mult_rca}]
-    if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    return make_optimizer(tc.optimizer, groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
     return tu.all_gather_cat(t) if tu.is_dist() else t
+
+
+class CamTraining(TrainingStage):
+    """cam_train's part of the training loop: CamNet, its loss terms and the memory bank / prototype hooks."""
+    name = "cam_train"
+    loss_keys = ("loss", "loss_cls", "loss_plain", "loss_sc")
+    nonfinite_hint = ("lower cam.train.lr; with cam.backbone.batchnorm frozen/frozen_stats the backbone needs "
+                      "weights whose BatchNorm statistics fit them (cam.backbone.pretrained)")
+
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx = cfg, ctx
+
+    def setup(self) -> Setup:
+        cfg, tc, device = self.cfg, self.cfg.cam.train, self.ctx.device
+        self.model = model = sync_batchnorm(CamNet(cfg.cam, cfg.data.num_classes), device).to(device)
+        opt = build_optimizer(model, tc)
+        data = CamTrainSet(self.ctx.dataset, self.ctx.ids, cfg.data.num_classes, tc.crop_size, tc.resize_long, cfg.seed)
+        return Setup(model, opt, data, batch_size=tc.batch_size, batch_key="cam.train.batch_size", epochs=tc.epochs,
+                     sampler_seed=cfg.seed, num_workers=tc.num_workers, max_seconds=tc.max_seconds,
+                     round_steps=math.ceil, find_unused_parameters=cfg.cam.rca_enabled)
+
+    def epoch_start(self, epoch: int) -> None:
+        model, cam_cfg = self.model, self.cfg.cam
+        if model.use_aggregation and epoch >= 1 and epoch % cam_cfg.aggregation.refresh_every_epochs == 0:
+            model.refresh_prototypes(seed=self.cfg.seed + epoch)
+        self.scores, self.targets, self.writes = [], [], 0
+
+    def loss(self, ddp, batch, at: Step) -> dict:
+        model, cam_cfg, tc = self.model, self.cfg.cam, self.cfg.cam.train
+        x, y = batch
+        out = ddp(x, with_embeddings=model.use_memory)
+        n_img = x.shape[0]  # this rank's share of the global batch: means are over the global batch
+        loss_cls = tu.global_mean(F.multilabel_soft_margin_loss(out["logits"], y, reduction="sum"), n_img)
+        terms = {"loss_cls": loss_cls, "loss_plain": None, "loss_sc": None, "logits": out["logits"], "target": y}
+        loss = loss_cls
+        if model.use_aggregation:
+            terms["loss_plain"] = tu.global_mean(F.multilabel_soft_margin_loss(out["logits_plain"], y, reduction="sum"),
+                                                 n_img)
+            loss = loss + tc.aux_weight * terms["loss_plain"]
+        if model.use_memory:
+            masks, index = region_masks(out["cam_plain"], y)
+            emb = region_embeddings(out["emb"], masks, index)
+            terms["emb"], terms["index"] = emb, index  # written into the memory after the optimizer step
+            if model.use_contrast and at.step >= cam_cfg.contrast.warmup_epochs * at.steps_per_epoch:
+                mem_e, mem_c = model.memory.entries()
+                loss_sc = semantic_contrast_loss(emb, index[:, 1], mem_e, mem_c, cam_cfg.contrast.temperature,
+                                                 mixup_alpha=8.0 if cam_cfg.contrast.mixup else None)
+                if tu.is_dist() and not cam_cfg.contrast.mixup:  # mean over the global batch's anchors
+                    n_anchor = torch.isin(index[:, 1], mem_c).sum()
+                    loss_sc = tu.global_mean(loss_sc * n_anchor, n_anchor)
+                loss = loss + cam_cfg.contrast.weight * loss_sc
+                terms["loss_sc"] = loss_sc
+        return {"loss": loss, **terms}
+
+    def after_step(self, out: dict, at: Step) -> None:
+        model = self.model
+        if model.use_memory:  # write the step's regions (all ranks' ones) into the memory bank
+            with torch.no_grad():
+                index = out["index"]
+                region_score = torch.sigmoid(out["logits"].detach())[index[:, 0], index[:, 1]]
+                self.writes += model.memory.write_regions(_gather(F.normalize(out["emb"].detach(), dim=1)),
+                                                          _gather(index[:, 1]), _gather(region_score))
+        self.scores.append(torch.sigmoid(out["logits"].detach()).cpu())
+        self.targets.append(out["target"].cpu())
+
+    def epoch_metrics(self) -> dict:
+        model, device = self.model, self.ctx.device
+        m = tu.multilabel_map(torch.cat(self.scores), torch.cat(self.targets)) if self.scores else None
+        return {"map": tu.all_reduce_mean(m, device) if m is not None else None,
+                "memory_writes": self.writes if model.use_memory else None,
+                "memory_fill": float(np.mean(model.memory.fill_fraction())) if model.use_memory else None,
+                "prototypes_valid": int(model.prototype_valid.sum()) if model.use_aggregation else None}
+
+    def write_outputs(self, run: Run) -> None:
+        tu.save_torch(self.ctx.out.file("model.pt"), self.model.state_dict())
+
+    def summary(self, run: Run) -> dict:
+        last, model = run.history[-1] if run.history else {}, self.model
+        return {"total_steps": run.total_steps, "stopped_by_time": run.stopped_early, "final_map": last.get("map"),
+                "rca": {"memory": model.use_memory, "contrast": model.use_contrast,
+                        "aggregation": model.use_aggregation}}
 
 
 def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
@@ -114,136 +191,4 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     a later call resumes) - used by tests and to split work; the final model is written only when
     training is finished.
     """
-    tc, cam_cfg = cfg.cam.train, cfg.cam
-    device = ctx.device
-    tu.seed_everything(cfg.seed)
-    model = sync_batchnorm(CamNet(cam_cfg, cfg.data.num_classes), device).to(device)
-    opt = build_optimizer(model, tc)
-    ckpt = ctx.checkpointer()
-    state = tu.load_checkpoint(ckpt, model, opt, map_location=device)
-    start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
-    extra = state["extra"] if state else {}
-    history: list[dict] = list(extra.get("history", []))
-    elapsed0 = float(extra.get("elapsed", 0.0))
-    finished = bool(extra.get("finished", False))
-    if state:
-        log.info("cam_train: resumed from %s at epoch %d, step %d", ckpt.describe(), start_epoch, step)
-
-    data = CamTrainSet(ctx.dataset, ctx.ids, cfg.data.num_classes, tc.crop_size, tc.resize_long, cfg.seed)
-    if len(data) == 0:
-        raise ValueError(f"cam_train: split {ctx.extra.get('split', '?')} has no images")
-    global_batch, per_rank = tu.split_batch(tc.batch_size, len(data), "cam.train.batch_size")
-    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed)
-    loader = DataLoader(data, batch_sampler=sampler, num_workers=tc.num_workers, persistent_workers=False)
-    steps_per_epoch = len(loader)
-    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = cam_cfg.contrast.warmup_epochs * steps_per_epoch
-    ddp = tu.wrap_ddp(model, device, find_unused_parameters=cam_cfg.rca_enabled)
-    t_start = time.time()
-    epochs_this_call = 0
-    stopped_by_time = False
-
-    for epoch in range(start_epoch, n_epochs):
-        if finished or step >= total_steps:
-            break
-        data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        if model.use_aggregation and epoch >= 1 and epoch % cam_cfg.aggregation.refresh_every_epochs == 0:
-            model.refresh_prototypes(seed=cfg.seed + epoch)
-        ddp.train()
-        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_plain": 0.0, "loss_sc": 0.0}
-        n_steps, n_sc, scores, targets, writes = 0, 0, [], [], 0
-        t_epoch = time.time()
-        for x, y in tu.progress(loader, desc=f"cam_train {epoch + 1}/{n_epochs}", total=steps_per_epoch):
-            if step >= total_steps:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = tu.set_poly_lr(opt, step, total_steps)
-            out = ddp(x, with_embeddings=model.use_memory)
-            n_img = x.shape[0]  # this rank's share of the global batch: means are over the global batch
-            loss_cls = tu.global_mean(F.multilabel_soft_margin_loss(out["logits"], y, reduction="sum"), n_img)
-            loss = loss_cls
-            if model.use_aggregation:
-                loss_plain = tu.global_mean(F.multilabel_soft_margin_loss(out["logits_plain"], y, reduction="sum"),
-                                            n_img)
-                loss = loss + tc.aux_weight * loss_plain
-                sums["loss_plain"] += float(loss_plain.detach())
-            if model.use_memory:
-                masks, index = region_masks(out["cam_plain"], y)
-                emb = region_embeddings(out["emb"], masks, index)
-                if model.use_contrast and step >= warmup_steps:
-                    mem_e, mem_c = model.memory.entries()
-                    loss_sc = semantic_contrast_loss(emb, index[:, 1], mem_e, mem_c, cam_cfg.contrast.temperature,
-                                                     mixup_alpha=8.0 if cam_cfg.contrast.mixup else None)
-                    if tu.is_dist() and not cam_cfg.contrast.mixup:  # mean over the global batch's anchors
-                        n_anchor = torch.isin(index[:, 1], mem_c).sum()
-                        loss_sc = tu.global_mean(loss_sc * n_anchor, n_anchor)
-                    loss = loss + cam_cfg.contrast.weight * loss_sc
-                    sums["loss_sc"] += float(loss_sc.detach())
-                    n_sc += 1
-            tu.check_finite(loss, f"cam_train: loss at step {step} (epoch {epoch + 1})", device,
-                            "lower cam.train.lr; with cam.backbone.batchnorm frozen/frozen_stats the backbone needs "
-                            "weights whose BatchNorm statistics fit them (cam.backbone.pretrained)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if model.use_memory:
-                with torch.no_grad():
-                    region_score = torch.sigmoid(out["logits"].detach())[index[:, 0], index[:, 1]]
-                    writes += model.memory.write_regions(_gather(F.normalize(emb.detach(), dim=1)),
-                                                         _gather(index[:, 1]), _gather(region_score))
-            sums["loss"] += float(loss.detach())
-            sums["loss_cls"] += float(loss_cls.detach())
-            scores.append(torch.sigmoid(out["logits"].detach()).cpu())
-            targets.append(y.cpu())
-            step += 1
-            n_steps += 1
-            if ctx.progress is not None:
-                ctx.progress(step, total_steps)
-            if tc.max_seconds:  # every rank stops at the same step (DDP)
-                over = float(elapsed0 + time.time() - t_start > tc.max_seconds)
-                if tu.all_reduce_mean(over, device) > 0:
-                    stopped_by_time = True
-                    break
-        row = {"epoch": epoch + 1, "steps": n_steps, "global_step": step, "lr": lr if n_steps else None,
-               "loss": sums["loss"] / max(1, n_steps), "loss_cls": sums["loss_cls"] / max(1, n_steps),
-               "loss_plain": sums["loss_plain"] / max(1, n_steps) if model.use_aggregation else None,
-               "loss_sc": sums["loss_sc"] / n_sc if n_sc else None,
-               "map": tu.multilabel_map(torch.cat(scores), torch.cat(targets)) if scores else None,
-               "memory_writes": writes if model.use_memory else None,
-               "memory_fill": float(np.mean(model.memory.fill_fraction())) if model.use_memory else None,
-               "prototypes_valid": int(model.prototype_valid.sum()) if model.use_aggregation else None,
-               "seconds": time.time() - t_epoch}
-        row = {k: (tu.all_reduce_mean(v, device) if isinstance(v, float) and k.startswith(("loss", "map")) else v)
-               for k, v in row.items()}
-        history.append(row)
-        if tu.is_main():
-            log.info("cam_train epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if v is not None})
-        finished = stopped_by_time or step >= total_steps
-        tu.save_checkpoint(ckpt, model, opt, epoch + 1, step,
-                           extra={"history": history, "elapsed": elapsed0 + time.time() - t_start,
-                                  "finished": finished, "stopped_by_time": stopped_by_time})
-        epochs_this_call += 1
-        if finished:
-            break
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            tu.barrier()
-            return {"finished": False, "epochs_done": epoch + 1, "steps": step, "history": history}
-
-    elapsed = elapsed0 + time.time() - t_start
-    if tu.is_main():
-        tu.save_torch(ctx.out.file("model.pt"), model.state_dict())
-        if history:
-            ctx.out.write_table("history", history)
-    tu.barrier()
-    last = history[-1] if history else {}
-    return {"finished": True, "epochs_done": len(history), "steps": step, "total_steps": total_steps,
-            "resumed_from_epoch": state["epoch"] if state else None,
-            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "per_rank_batch": per_rank,
-            "world_size": tu.world_size(), "trainable_parameters": sum(p.numel() for g in opt.param_groups
-                                                                      for p in g["params"]),
-            "stopped_by_time": bool(stopped_by_time or extra.get("stopped_by_time")),
-            "train_seconds": elapsed, "final_loss": last.get("loss"), "final_map": last.get("map"),
-            "rca": {"memory": model.use_memory, "contrast": model.use_contrast, "aggregation": model.use_aggregation},
-            "history": history}
+    return fit(CamTraining(cfg, ctx), ctx, cfg.seed, stop_after_epochs=stop_after_epochs)

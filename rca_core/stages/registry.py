@@ -98,6 +98,9 @@ def _pseudo_labels(c) -> bool:
     return c.segmenter.labels == "pseudo"
 
 
+# code_version history: cam_train 2 and affinity_train 2 (batch_size is the global batch; backbone batchnorm /
+# frozen_stages), cam_infer 2 (only the image-resolution CAM stored), seg_train 2 (global batch; freeze_bn =
+# FrozenBatchNorm2d).
 STAGES: list[Stage] = [
     Stage("cam_train", "training", "rca_core.stages.cam_train", "2", _cam, gpu=True,
           doc="backbone + CAM head + RCA memory bank, semantic contrast and aggregation"),

@@ -9,9 +9,12 @@ the shuffle order from (seed + epoch), so a resumed run sees the same batches as
 
 Optimiser: SGD (momentum 0.9) or AdamW; the head gets `lr_mult_head` x lr; poly decay per step
 (power `poly_power`) over `epochs` x steps-per-epoch steps (`epochs` may be fractional).
-Checkpoint every epoch to `checkpoint.pt` (atomic, with optimiser and RNG state; resumed from
-automatically); at the end `segmenter.pt` holds the weights + metadata that `rca_core.predict` needs.
-`max_seconds` stops training early (the summary says so). Under torch.distributed: DDP, the global
+The loop is rca_core.training_loop (this module supplies `SegTraining`: data, model, loss, output file):
+checkpoint every epoch to `checkpoint.pt` (atomic, with optimiser and RNG state; resumed from
+automatically), per-epoch table `history` (loss, lr, steps, seconds); at the end `segmenter.pt` holds
+{"model", "meta", "history", "labels", "steps"}: the weights + metadata that `rca_core.predict` needs.
+`max_seconds` stops training early, counted over every call of a resumed run (the summary says so).
+Under torch.distributed: DDP, the global
 batch `segmenter.batch_size` split over the ranks as evenly as possible by train_utils.GlobalBatchSampler
 (same images per step, same steps and lr schedule for any worker count), the loss a mean over the global batch's labelled pixels
 (train_utils.global_mean), trainable BatchNorm synchronised (models.norm.sync_batchnorm; with
@@ -19,24 +22,19 @@ batch `segmenter.batch_size` split over the ranks as evenly as possible by train
 """
 from __future__ import annotations
 
-import math
-import time
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rca_core import train_utils as tu
+from rca_core import training_loop as tl
 from rca_core.config import RunConfig
 from rca_core.models.deeplab import build_segmenter, model_meta
 from rca_core.models.norm import sync_batchnorm
 
 from .context import StageContext
 
-STAGE = "seg_train"
-CODE_VERSION = "2"  # 2: batch_size is the global batch; freeze_bn = FrozenBatchNorm2d
-INPUTS = ["random_walk"]
 IGNORE = 255
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "segmenter.pt"
@@ -116,9 +114,7 @@ class PseudoMasks:
 def make_optimizer(model: nn.Module, seg) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in model.backbone_parameters() if p.requires_grad], "lr": seg.lr},
               {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": seg.lr * seg.lr_mult_head}]
-    if seg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=seg.lr, momentum=0.9, weight_decay=seg.weight_decay)
-    return torch.optim.AdamW(groups, lr=seg.lr, weight_decay=seg.weight_decay)
+    return tl.make_optimizer(seg.optimizer, groups, lr=seg.lr, momentum=0.9, weight_decay=seg.weight_decay)
 
 
 def save_model(location, model: nn.Module, meta: dict, extra: dict | None = None) -> None:
@@ -128,118 +124,62 @@ def save_model(location, model: nn.Module, meta: dict, extra: dict | None = None
     tu.save_torch(location, {"model": tu.unwrap(model).state_dict(), "meta": meta, **(extra or {})})
 
 
-def loss_table(history: list[dict]) -> str:
-    lines = ["| epoch | loss | lr | steps | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['lr']:.3g} | {h['steps']} | {h['seconds']:.1f} |" for h in history]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- the stage
-def train(cfg: RunConfig, ctx: StageContext) -> dict:
-    seg = cfg.segmenter
-    device = ctx.device
-    t_start = time.time()
-    tu.seed_everything(cfg.seed)
-    num_classes = cfg.data.num_classes
-    names = list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or [])
-    meta = model_meta(seg, num_classes, names or None)
-    model = sync_batchnorm(build_segmenter(seg, num_classes), device).to(device)  # freeze_bn: in the builder
-    optimizer = make_optimizer(model, seg)
-    mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
+class SegTraining(tl.TrainingStage):
+    """seg_train's part of the training loop: the segmenter, the masks, the cross-entropy of a batch and the
+    segmenter file (weights + the metadata rca_core.predict needs)."""
+    name = "seg_train"
 
-    if not ctx.ids:
-        raise ValueError("seg_train: no training images (empty split)")
-    data = SegTrainSet(ctx.ids, ctx.dataset.image, mask_reader(cfg, ctx), seg.crop_size, seg.scale_range,
-                       seed=cfg.seed, mean=tuple(meta["mean"]))
-    world = tu.world_size()
-    global_batch, per_rank = tu.split_batch(seg.batch_size, len(data), "segmenter.batch_size")
-    sampler = tu.GlobalBatchSampler(len(data), global_batch, cfg.seed)
-    steps_per_epoch = len(sampler)
-    max_steps = max(1, round(seg.epochs * steps_per_epoch))
-    n_epochs = math.ceil(max_steps / steps_per_epoch)
+    def __init__(self, cfg: RunConfig, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.nonfinite_hint = f"lower segmenter.lr (now {cfg.segmenter.lr})"
 
-    ckpt = ctx.checkpointer()
-    info = tu.load_checkpoint(ckpt, model, optimizer, map_location="cpu")
-    start_epoch, step, history = 0, 0, []
-    if info is not None:
-        start_epoch, step = info["epoch"], info["step"]
-        history = list(info["extra"].get("history", []))
-        if info["extra"].get("max_steps") not in (None, max_steps):
-            raise RuntimeError(f"checkpoint {ckpt.describe()} was written for {info['extra']['max_steps']} steps but this run "
-                               f"has {max_steps}; delete it to start afresh")
-    resumed_from = start_epoch if info is not None else None
-    ddp = tu.wrap_ddp(model, device)
-    stopped_early = False
-    t_train = time.time()
-    for epoch in range(start_epoch, n_epochs):
-        if step >= max_steps:
-            break
-        t_epoch = time.time()
-        data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=seg.num_workers,
-                                             pin_memory=device.type == "cuda")
-        ddp.train()
-        loss_sum, loss_n, steps_here = 0.0, 0, 0
-        bar = tu.progress(loader, desc=f"seg_train {epoch + 1}/{n_epochs}", total=min(len(loader), max_steps - step))
-        for img, mask in bar:
-            if step >= max_steps:
-                break
-            lr = tu.set_poly_lr(optimizer, step, max_steps, seg.poly_power)
-            x = (img.to(device, non_blocking=True).float().div_(255.0) - mean) / std
-            y = mask.to(device, non_blocking=True).long()
-            logits = ddp(x)
-            # mean over the labelled pixels of the global batch (all ignored: a zero loss with a graph)
-            loss = tu.global_mean(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum"),
-                                  (y != IGNORE).sum())
-            tu.check_finite(loss, f"seg_train: loss at step {step} (epoch {epoch + 1})", device,
-                            f"lower segmenter.lr (now {seg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            steps_here += 1
-            if ctx.progress is not None:
-                ctx.progress(step, max_steps)
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
-            if seg.max_seconds is not None:
-                over = float(time.time() - t_start > seg.max_seconds)
-                if tu.all_reduce_mean(over, device) > 0:  # every rank stops at the same step (DDP)
-                    stopped_early = True
-                    break
-        row = {"epoch": epoch + 1, "loss": tu.all_reduce_mean(loss_sum / max(1, loss_n), device),
-               "lr": float(lr) if steps_here else float("nan"), "steps": steps_here,
-               "seconds": time.time() - t_epoch}
-        history.append(row)
-        if tu.is_main():
-            print(f"seg_train epoch {row['epoch']}/{n_epochs}: loss {row['loss']:.4f}, {row['steps']} steps, "
-                  f"{row['seconds']:.1f} s", flush=True)
-        if stopped_early:
-            break
-        tu.save_checkpoint(ckpt, ddp, optimizer, epoch + 1, step,
-                           extra={"meta": meta, "history": history, "max_steps": max_steps})
-    train_seconds = time.time() - t_train
+    def setup(self) -> tl.Setup:
+        cfg, seg, ctx, device = self.cfg, self.cfg.segmenter, self.ctx, self.ctx.device
+        num_classes = cfg.data.num_classes
+        names = list(getattr(ctx.dataset, "class_names", None) or cfg.data.class_names or [])
+        self.meta = meta = model_meta(seg, num_classes, names or None)
+        # freeze_bn: in the builder
+        self.model = model = sync_batchnorm(build_segmenter(seg, num_classes), device).to(device)
+        optimizer = make_optimizer(model, seg)
+        self.mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
+        if not ctx.ids:
+            raise ValueError("seg_train: no training images (empty split)")
+        data = SegTrainSet(ctx.ids, ctx.dataset.image, mask_reader(cfg, ctx), seg.crop_size, seg.scale_range,
+                           seed=cfg.seed, mean=tuple(meta["mean"]))
+        return tl.Setup(model, optimizer, data, batch_size=seg.batch_size, batch_key="segmenter.batch_size",
+                        epochs=seg.epochs, sampler_seed=cfg.seed, num_workers=seg.num_workers,
+                        max_seconds=seg.max_seconds, poly_power=seg.poly_power)
 
-    model_path = ctx.out.file(MODEL_FILE)
-    save_model(model_path, ddp, meta, {"history": history, "labels": seg.labels, "steps": step})
-    if tu.is_main():
-        if history:
-            ctx.out.write_table("epochs", history)
-        print("seg_train per-epoch loss (" + ("ground truth" if seg.labels == "gt" else "pseudo-masks") + "):\n"
-              + loss_table(history), flush=True)
-    tu.barrier()
-    full = [h for h in history if h["steps"] == steps_per_epoch]
-    return {"labels": seg.labels, "arch": seg.arch, "epochs_done": len(history), "steps": step,
-            "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
-            "per_rank_batch": per_rank, "freeze_bn": seg.freeze_bn,
-            "trainable_parameters": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
-            "resumed_from_epoch": resumed_from,
-            "stopped_early": stopped_early, "train_seconds": sum(h["seconds"] for h in history),
-            "this_run_seconds": train_seconds,
-            "seconds_per_epoch": (sum(h["seconds"] for h in full) / len(full)) if full else None,
-            "first_loss": history[0]["loss"] if history else None,
-            "final_loss": history[-1]["loss"] if history else None,
-            "epoch_losses": [h["loss"] for h in history], "epoch_lrs": [h["lr"] for h in history], "model": model_path.uri, "world_size": world}
+    def loss(self, model, batch, at: tl.Step) -> dict:
+        img, mask = batch
+        x = (img.float().div_(255.0) - self.mean) / self.std
+        y = mask.long()
+        logits = model(x)
+        # mean over the labelled pixels of the global batch (all ignored: a zero loss with a graph)
+        return {"loss": tu.global_mean(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum"),
+                                       (y != IGNORE).sum())}
+
+    def checkpoint_extra(self) -> dict:
+        return {"meta": self.meta}
+
+    def write_outputs(self, run: tl.Run) -> None:
+        save_model(self.ctx.out.file(MODEL_FILE), self.model, self.meta,
+                   {"history": run.history, "labels": self.cfg.segmenter.labels, "steps": run.step})
+
+    def summary(self, run: tl.Run) -> dict:
+        seg, history = self.cfg.segmenter, run.history
+        full = [h for h in history if h["steps"] == run.steps_per_epoch and h.get("seconds") is not None]
+        return {"labels": seg.labels, "arch": seg.arch, "freeze_bn": seg.freeze_bn,
+                "this_run_seconds": run.this_call_seconds(),
+                "seconds_per_epoch": (sum(h["seconds"] for h in full) / len(full)) if full else None,
+                "first_loss": history[0]["loss"] if history else None,
+                "epoch_losses": [h["loss"] for h in history], "epoch_lrs": [h["lr"] for h in history],
+                "model": self.ctx.out.file(MODEL_FILE).uri}
+
+
+def train(cfg: RunConfig, ctx: StageContext, stop_after_epochs: int | None = None) -> dict:
+    """Train (or resume) the segmenter; returns the stage summary. `stop_after_epochs`: as in
+    rca_core.training_loop.fit (segmenter.pt is written only once training is finished)."""
+    return tl.fit(SegTraining(cfg, ctx), ctx, cfg.seed, stop_after_epochs=stop_after_epochs)
