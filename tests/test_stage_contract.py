@@ -291,8 +291,9 @@ def test_a_new_stage_is_its_file_its_config_section_and_one_record(reference_run
 
     assert reference_run["rc"] == 0
     cfg_path = write_config(tmp_path / "run")
+    n = load_config(cfg_path).data.demo.n_train
     copy_stages(load_config(reference_run["config"]), load_config(cfg_path), ["cam_train", "memory_build", "cam_infer"])
-    data = yaml.safe_load(cfg_path.read_text())
+    data = yaml.safe_load(cfg_path.read_text())  # the new section: only the copy of the project knows it
     data["cam_area"] = {"threshold": 0.3}
     cfg_path.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(repo)}
@@ -313,7 +314,6 @@ def test_a_new_stage_is_its_file_its_config_section_and_one_record(reference_run
 
     got = json.loads(subprocess.run([sys.executable, "-c", code, str(cfg_path)], cwd=cwd, env=env, check=True,
                                     capture_output=True, text=True).stdout)
-    n = load_config(cfg_path).data.demo.n_train
     from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
