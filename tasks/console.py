@@ -68,8 +68,9 @@ def _state(src) -> object:
 class Console:
     """The command's stdout: plain lines (`say`) and live lines (`set_live`), through a rich Console.
 
-    A terminal gets a rich Live display of the live lines, refreshed once a second so that elapsed times
-    and ETAs move between updates. Elsewhere each live line is printed as a plain line at most every
+    A terminal (rich's test: a tty, or FORCE_COLOR / TTY_COMPATIBLE=1; not TERM=dumb) gets a rich Live
+    display of the live lines, refreshed once a second so that elapsed times and ETAs move between
+    updates. Elsewhere each live line is printed as a plain line at most every
     `interval` seconds (RCA_PROGRESS_INTERVAL, default 60), every 5 intervals while its `state()` stays
     the same, by a ticker thread between updates. `file`/`force_terminal`/`width`/`clock`/`ticker` are
     for tests; by default the console follows sys.stdout until `bind` fixes its streams.
