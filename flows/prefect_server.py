@@ -68,6 +68,10 @@ def local_prefect_server(home: str | Path, port: int | None = None, log_file: st
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {**os.environ, **server_process_env(home, port)}
+    from tasks.console import PREFECT_LOGGING_YML
+
+    if env.get("PREFECT_LOGGING_SETTINGS_PATH") == str(PREFECT_LOGGING_YML):
+        del env["PREFECT_LOGGING_SETTINGS_PATH"]  # the command's console settings: the server keeps Prefect's own
     log = open(log_file or home / "server.log", "ab")
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -1,41 +1,59 @@
 """What the `rca` commands print, and the per-run log file where everything else goes.
 
-The console shows: one line per set-up phase, one live progress line per running stage, one summary line
-per finished stage, the end-of-run table, and errors. A live line needs a terminal: there it is redrawn
-in place (\\r); when stdout is a pipe or a CI log, the same line is printed as a plain line at most every
-RCA_PROGRESS_INTERVAL seconds (default 60; every 5 intervals while a stage reports no progress).
+The console (the command's stdout, written with rich) shows: one line per set-up phase, one live line per
+running stage, one summary line per finished stage, the end-of-run table, and errors. On a terminal the
+live lines are a rich Live display, redrawn in place with the plain lines printed above it. When stdout is
+a pipe or a CI log, a live line is printed as a plain line at most every RCA_PROGRESS_INTERVAL seconds
+(default 60; every 5 intervals while a stage reports no progress).
 
 The run log (runs/<name>/logs/<timestamp>.log next to a local store; a local runs/<name>/logs/ when the
-store is a bucket) gets, with a timestamp and the source of each line:
-- the stdout/stderr of every Ray worker (our stage code's prints, Ray Train's controller and workers,
-  Ray internals such as Ray Train's PlacementGroupCleaner), taken from the driver's log subscriber
-  instead of being printed (see `capture_ray_logs`, used by tasks.ray_runtime.ray_session); Ray's
+store is a bucket) has one `HH:MM:SS source | line` per line. `setup` configures Python logging for it
+with logging.config.dictConfig (`logging_config`):
+- our notes (source `rca`) and a copy of every console line (`console`);
+- Prefect's loggers: Prefect reads its logging configuration from prefect_logging.yml beside this module
+  (Prefect's setting PREFECT_LOGGING_SETTINGS_PATH), its default without console output, so that run
+  logs still reach the Prefect API and the UI while the terminal stays clean;
+- Ray's driver-side logger and the driver's sys.stdout/sys.stderr while Ray is connected (`ray_output`):
+  with ray.init(log_to_driver=True) Ray prints every worker's output there, one line per output line,
+  prefixed with the worker (`(RayTrainWorker pid=12)`), which becomes the line's source in the log. Ray's
   error messages (a worker died, out of memory) also get one line on the console;
-- Ray's driver-side logger, Prefect's loggers (Prefect's run logs still go to the API and the UI),
-  Python warnings of the driver. Known-harmless warnings (HARMLESS_WARNINGS, each with the reason) stay in
-  the log; any other warning also gets one line on the console.
+- Python warnings (logging.captureWarnings). Known-harmless ones (HARMLESS_WARNINGS, each with the
+  reason) stay in the log; any other warning also gets one console line, once per message.
 `--verbose` (or RCA_VERBOSE=1) shows all of it live on the console as well.
 
-Only the driver process uses this module; Ray workers write to their stdout/stderr as before.
+Only the driver process uses this module; Ray workers write to their stdout/stderr as usual.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import logging.config
 import os
 import re
-import shutil
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from rich.console import Console as RichConsole
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PREFIX = "[rca] "
+PREFECT_LOGGING_YML = Path(__file__).with_name("prefect_logging.yml")
+# Set for the command (unless already set) by `setup`, restored by `teardown`: Prefect's logging without
+# its console output, run logs at INFO to the API; Ray prints each worker line at once (no deduplication,
+# which would hold repeated lines back and merge them) and without colour codes around the prefix.
+COMMAND_ENV = {"PREFECT_LOGGING_SETTINGS_PATH": str(PREFECT_LOGGING_YML), "PREFECT_LOGGING_LEVEL": "INFO",
+               "RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
+_RCA = logging.getLogger("rca")            # run log only: our notes and the console's lines
+_OUTPUT = logging.getLogger("rca.output")  # the driver's stdout/stderr while captured: run log (+ console)
 
 
 # ------------------------------------------------------------------------------------------- console
@@ -43,123 +61,109 @@ class LiveSource(Protocol):
     def render(self, now: float, width: int) -> str: ...
 
 
-class Console:
-    """stdout of the command: plain lines (`say`) and at most one live line (`set_live`).
+def _state(src) -> object:
+    return src.state() if hasattr(src, "state") else None
 
-    `stream`/`tty`/`width` are fixed for tests; by default they follow sys.stdout at write time.
-    `interval`: seconds between plain progress lines when the stream is not a terminal.
+
+class Console:
+    """The command's stdout: plain lines (`say`) and live lines (`set_live`), through a rich Console.
+
+    A terminal (rich's test: a tty, or FORCE_COLOR / TTY_COMPATIBLE=1; not TERM=dumb) gets a rich Live
+    display of the live lines, refreshed once a second so that elapsed times and ETAs move between
+    updates. Elsewhere each live line is printed as a plain line at most every
+    `interval` seconds (RCA_PROGRESS_INTERVAL, default 60), every 5 intervals while its `state()` stays
+    the same, by a ticker thread between updates. `file`/`force_terminal`/`width`/`clock`/`ticker` are
+    for tests; by default the console follows sys.stdout until `bind` fixes its streams.
     """
 
-    def __init__(self, stream=None, tty: bool | None = None, width: int | None = None,
+    def __init__(self, file=None, *, force_terminal: bool | None = None, width: int | None = None,
                  interval: float | None = None, clock: Callable[[], float] = time.monotonic, ticker: bool = True):
-        self._stream, self._tty, self._width = stream, tty, width
-        self._use_ticker = ticker
         self.interval = float(os.environ.get("RCA_PROGRESS_INTERVAL", "60")) if interval is None else interval
-        self.clock = clock
+        self.clock, self._ticker_on = clock, ticker
+        self._opts = {"force_terminal": force_terminal, "width": width}
         self._lock = threading.RLock()
-        self._live: LiveSource | None = None
-        self._drawn = 0          # characters of the live line now on the terminal
-        self._last_plain = None  # clock time of the last plain progress line
-        self._last_state = None  # the live source's state() then
+        self._sources: list[LiveSource] = []
+        self._plain: dict[int, tuple[float, object]] = {}  # id(source) -> (time, state) of its last plain line
+        self._live: Live | None = None
         self._ticker: threading.Thread | None = None
+        self.bind(file)
 
-    # -- where output goes
-    @property
-    def stream(self):
-        return self._stream if self._stream is not None else sys.stdout
+    def bind(self, out=None, err=None) -> None:
+        """Write to these streams from now on (None: sys.stdout / sys.stderr at each write)."""
+        opts = dict(highlight=False, markup=False, emoji=False, soft_wrap=True, **self._opts)
+        self.out = RichConsole(file=out, **opts)
+        self.err = RichConsole(file=err, stderr=err is None, **opts)
 
     def is_tty(self) -> bool:
-        if self._tty is not None:
-            return self._tty
-        try:
-            return bool(self.stream.isatty())
-        except (AttributeError, ValueError):
-            return False
+        return self.out.is_terminal and not self.out.is_dumb_terminal
 
-    def width(self) -> int:
-        if self._width is not None:
-            return self._width
-        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
-
-    # -- plain lines
     def say(self, msg: str, err: bool = False, log: bool = True) -> None:
-        """A line for the user (kept in the run log too unless log=False)."""
+        """A line for the user (kept in the run log too unless log=False). err: on stderr, except while a
+        live display is on the terminal (then above it, where it stays readable)."""
         with self._lock:
-            self._erase()
-            stream = sys.stderr if err else self.stream
-            if err:
-                self._flush(self.stream)
-            stream.write(msg.rstrip("\n") + "\n")
-            self._flush(stream)
-            self._draw()
+            (self.err if err and self._live is None else self.out).print(msg.rstrip("\n"))
         if log:
             log_line("console", msg)
 
-    # -- the live line
+    # -- live lines
     def set_live(self, src: LiveSource) -> None:
         with self._lock:
-            self._erase()
-            self._live = src
-            self._last_plain = self.clock()
-            self._last_state = src.state() if hasattr(src, "state") else None
-            self._draw()
-        if self._use_ticker:
-            self._start_ticker()
+            if src not in self._sources:
+                self._sources.append(src)
+            self._plain[id(src)] = (self.clock(), _state(src))
+            if self.is_tty():
+                if self._live is None:
+                    self._live = Live(console=self.out, get_renderable=self._render, auto_refresh=self._ticker_on,
+                                      refresh_per_second=1, transient=True, redirect_stdout=False,
+                                      redirect_stderr=False)
+                    self._live.start(refresh=True)
+                else:
+                    self._live.refresh()
+            elif self._ticker_on:
+                self._start_ticker()
 
     def clear_live(self, src: LiveSource) -> None:
         with self._lock:
-            if self._live is src:
-                self._erase()
-                self._live = None
+            if src in self._sources:
+                self._sources.remove(src)
+            self._plain.pop(id(src), None)
+            if self._live is not None:
+                if self._sources:
+                    self._live.refresh()
+                else:
+                    self._live.stop()
+                    self._live = None
+
+    def reset(self) -> None:
+        """No live lines any more (a failed command: the stage's line is not finished)."""
+        for src in list(self._sources):
+            self.clear_live(src)
+
+    def _render(self) -> Group:
+        # called by rich's refresh thread: takes no lock of ours (a caller of `refresh` holds it)
+        now, width = self.clock(), self.out.width
+        return Group(*(Text(src.render(now, width)[:width], no_wrap=True, overflow="crop")
+                       for src in list(self._sources)))
 
     def refresh(self) -> None:
-        """Redraw the live line (a terminal) or print it as a plain line when `interval` has passed."""
+        """Redraw the live lines (a terminal), or print each as a plain line whose time has come."""
         with self._lock:
-            if self._live is None:
+            if self._live is not None:
+                self._live.refresh()
                 return
-            if self.is_tty():
-                self._erase()
-                self._draw()
-            else:
-                now = self.clock()
-                if getattr(self._live, "finished", False):
-                    return  # its summary line comes next
-                state = self._live.state() if hasattr(self._live, "state") else None
-                # a line every `interval` while there is progress; one every 5 intervals while there is none
-                wait = self.interval if state != self._last_state else 5 * self.interval
-                if self._last_plain is None or now - self._last_plain >= wait:
-                    self._last_plain, self._last_state = now, state
-                    text = self._live.render(now, 10_000)
-                    self.stream.write(text + "\n")
-                    self._flush(self.stream)
-                    log_line("console", text)
+            now = self.clock()
+            for src in list(self._sources):
+                if getattr(src, "finished", False):
+                    continue  # its summary line comes next
+                last, last_state = self._plain[id(src)]
+                state = _state(src)
+                if now - last >= (self.interval if state != last_state else 5 * self.interval):
+                    self._plain[id(src)] = (now, state)
+                    self.say(src.render(now, 10_000))
 
     tick = refresh
 
-    def _draw(self) -> None:
-        if self._live is None or not self.is_tty():
-            return
-        text = self._live.render(self.clock(), self.width())[: self.width()]
-        self.stream.write("\r" + text + "\x1b[K")
-        self._flush(self.stream)
-        self._drawn = len(text)
-
-    def _erase(self) -> None:
-        if self._drawn and self.is_tty():
-            self.stream.write("\r\x1b[K")
-            self._flush(self.stream)
-        self._drawn = 0
-
-    @staticmethod
-    def _flush(stream) -> None:
-        try:
-            stream.flush()
-        except (AttributeError, ValueError):
-            pass
-
     def _start_ticker(self) -> None:
-        """Once a second: redraw the live line so that elapsed time and ETA move between updates (a
-        terminal), or print its periodic plain line for a stage that reports nothing new (a pipe)."""
         if self._ticker is not None and self._ticker.is_alive():
             return
 
@@ -167,7 +171,7 @@ class Console:
             while True:
                 time.sleep(1.0)
                 with self._lock:
-                    if self._live is None:
+                    if not self._sources:
                         self._ticker = None
                         return
                 self.refresh()
@@ -179,27 +183,9 @@ class Console:
 CONSOLE = Console()
 
 
-class _LogStream(io.TextIOBase):
-    """A text stream whose lines go to the run log (progress bars of library code during a phase)."""
-
-    def __init__(self, source: str):
-        self.source, self._buf = source, ""
-
-    def write(self, s: str) -> int:
-        self._buf += s
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            if clean(line):
-                log_line(self.source, line)
-        return len(s)
-
-    def flush(self) -> None:
-        if clean(self._buf):
-            log_line(self.source, self._buf)
-        self._buf = ""
-
-    def isatty(self) -> bool:
-        return False
+def say(msg: str, err: bool = False, log: bool = True) -> None:
+    """`[rca] msg` on the console (and in the run log)."""
+    CONSOLE.say(msg if msg.startswith(PREFIX) else PREFIX + msg, err=err, log=log)
 
 
 class Phase:
@@ -210,7 +196,7 @@ class Phase:
     def __init__(self, what: str, console: Console | None = None):
         self.what, self.console = what, console or CONSOLE
         self.t0 = self.console.clock()
-        self._redirect = None
+        self._capture = capture_output(stdout=False)
 
     def render(self, now: float, width: int) -> str:
         s = int(now - self.t0)
@@ -219,68 +205,18 @@ class Phase:
     def __enter__(self):
         self.t0 = self.console.clock()
         log_line("rca", self.what)
-        if active() and not STATE.verbose:
-            self._redirect = contextlib.redirect_stderr(_LogStream("stderr"))
-            self._redirect.__enter__()
+        self._capture.__enter__()
         if self.console.is_tty():
             self.console.set_live(self)
         return self
 
     def __exit__(self, *exc):
         self.console.clear_live(self)
-        if self._redirect is not None:
-            sys.stderr.flush()
-            self._redirect.__exit__(*exc)
-            self._redirect = None
+        self._capture.__exit__(*exc)
         return False
 
 
-def say(msg: str, err: bool = False, log: bool = True) -> None:
-    """`[rca] msg` on the console (and in the run log)."""
-    CONSOLE.say(msg if msg.startswith(PREFIX) else PREFIX + msg, err=err, log=log)
-
-
 # ------------------------------------------------------------------------------------------ run log
-class RunLog:
-    """The per-run log file: `HH:MM:SS source | line`. Consecutive repeats from one source are folded
-    into one "(last line repeated N times)" line."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8", buffering=1)
-        self._lock = threading.Lock()
-        self._last: dict[str, list] = {}  # source -> [line, repeats]
-
-    def write(self, source: str, text: str) -> None:
-        with self._lock:
-            if self._f.closed:
-                return
-            for line in str(text).splitlines() or [""]:
-                line = clean(line)
-                last = self._last.get(source)
-                if last is not None and last[0] == line and line:
-                    last[1] += 1
-                    continue
-                self._fold(source)
-                self._last[source] = [line, 0]
-                self._f.write(f"{time.strftime('%H:%M:%S')} {source} | {line}\n")
-
-    def _fold(self, source: str) -> None:
-        last = self._last.get(source)
-        if last is not None and last[1]:
-            self._f.write(f"{time.strftime('%H:%M:%S')} {source} | (last line repeated {last[1]} more times)\n")
-            last[1] = 0
-
-    def close(self) -> None:
-        with self._lock:
-            if self._f.closed:
-                return
-            for s in list(self._last):
-                self._fold(s)
-            self._f.close()
-
-
 def clean(line: str) -> str:
     """A log line without colours and without tqdm's carriage-return redraws (the last state is kept)."""
     line = ANSI.sub("", line)
@@ -290,20 +226,73 @@ def clean(line: str) -> str:
     return line.rstrip()
 
 
+def _source(record: logging.LogRecord) -> str:
+    return getattr(record, "source", None) or f"{record.name} {record.levelname}"
+
+
+class RunLogFormatter(logging.Formatter):
+    """`HH:MM:SS source | line` for each line of the record (its traceback included); the source is the
+    record's `source` (ours: `rca`, `console`, a Ray worker) or `<logger> <LEVEL>`."""
+
+    def __init__(self):
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        head = f"{self.formatTime(record, self.datefmt)} {_source(record)} | "
+        return "\n".join(head + clean(line) for line in text.splitlines() or [""])
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run log file. Consecutive repeats from one source are folded into one "(last line repeated N
+    more times)" line. Closed by a later dictConfig (Prefect's, at its import), it reopens on the next
+    record (mode "a")."""
+
+    def __init__(self, filename: str):
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(filename, mode="a", encoding="utf-8")
+        self._last: dict[str, list] = {}  # source -> [message, repeats]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        source, msg = _source(record), record.getMessage()
+        last = self._last.get(source)
+        if last is not None and last[0] == msg and msg.strip() and not record.exc_info:
+            last[1] += 1
+            return
+        self._fold(source)
+        self._last[source] = [msg, 0]
+        super().emit(record)
+
+    def _fold(self, source: str) -> None:
+        last = self._last.get(source)
+        if last is not None and last[1]:
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write(f"{time.strftime('%H:%M:%S')} {source} | (last line repeated {last[1]} more times)\n")
+            last[1] = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            for source in list(self._last):
+                self._fold(source)
+        super().close()
+
+
 @dataclass
 class _State:
-    log: RunLog | None = None
+    path: Path | None = None
     verbose: bool = False
-    handler: logging.Handler | None = None
-    saved: list | None = None  # (obj, attr, old value) to restore in teardown
-    warnings_shown: int = 0
+    env: dict = field(default_factory=dict)  # COMMAND_ENV's previous values
+    node_ip: str = ""
 
 
 STATE = _State()
 
 
 def active() -> bool:
-    return STATE.log is not None
+    return STATE.path is not None
 
 
 def verbose() -> bool:
@@ -311,12 +300,13 @@ def verbose() -> bool:
 
 
 def log_path() -> Path | None:
-    return STATE.log.path if STATE.log else None
+    return STATE.path
 
 
 def log_line(source: str, text: str) -> None:
-    if STATE.log is not None:
-        STATE.log.write(source, text)
+    """A line (or several) in the run log, with this source."""
+    if active():
+        _RCA.info("%s", text, extra={"source": source})
 
 
 def run_log_location(store: str, name: str, cwd: str | Path | None = None) -> Path:
@@ -358,84 +348,119 @@ def is_harmless(category: str, message: str) -> bool:
     return any(c == category and rx.search(message) for c, rx in _HARMLESS)
 
 
-class RunLogHandler(logging.Handler):
-    """Root logging handler: every record to the run log; to the console: warnings that are not known
-    harmless (one line) and, with --verbose, everything."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = record.getMessage()
-            if record.exc_info:
-                msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            log_line(f"{record.name} {record.levelname}", msg)
-            if STATE.verbose:
-                CONSOLE.say(f"[{record.name}] {record.levelname}: {msg.splitlines()[0] if msg else ''}", log=False)
-            elif record.name == "py.warnings":
-                category, text = _warning_parts(msg)
-                if not is_harmless(category, text):
-                    STATE.warnings_shown += 1
-                    CONSOLE.say(f"{PREFIX}warning: {category}: {text.splitlines()[0][:200]}"
-                                f" (details: {log_path()})", log=False)
-        except Exception:  # noqa: BLE001 - logging must never break the run
-            self.handleError(record)
-
-
 def _warning_parts(msg: str) -> tuple[str, str]:
     """'path:line: Category: text\\n  source' (warnings.formatwarning) -> (Category, text)."""
     m = re.match(r"^.*?:\d+: (\w+): (.*)$", msg, re.S)
     return (m.group(1), m.group(2)) if m else ("Warning", msg)
 
 
+class HarmlessWarnings(logging.Filter):
+    """Keeps the known-harmless warnings (HARMLESS_WARNINGS) away from the handler it is attached to
+    (the console's), except with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return STATE.verbose or record.name != "py.warnings" or not is_harmless(*_warning_parts(record.getMessage()))
+
+
+class ConsoleHandler(logging.Handler):
+    """The console's share of the log records: with --verbose every record (one line each); otherwise a
+    warning (once per message) and Ray's error messages."""
+
+    def __init__(self):
+        super().__init__()
+        self._shown: set[tuple[str, str]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            first = msg.splitlines()[0] if msg.strip() else ""
+            if getattr(record, "ray_error", False):
+                line = f"{PREFIX}Ray: {first[:200]}" + ("" if STATE.verbose else f" (details: {log_path()})")
+            elif STATE.verbose:
+                src = getattr(record, "source", "")
+                line = (f"{src} {msg}" if src.startswith("(") else msg) if record.name == _OUTPUT.name \
+                    else f"[{record.name}] {record.levelname}: {first}"
+            elif record.name == "py.warnings":
+                category, text = _warning_parts(msg)
+                text = text.splitlines()[0][:200] if text.strip() else ""
+                if (category, text) in self._shown:
+                    return
+                self._shown.add((category, text))
+                line = f"{PREFIX}warning: {category}: {text} (details: {log_path()})"
+            else:
+                return
+            CONSOLE.say(line, log=False)
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)
+
+
 # ------------------------------------------------------------------------------------------ set-up
+def logging_config(path: str | Path) -> dict:
+    """The logging configuration of a command with a run log at `path` (for logging.config.dictConfig).
+    The root logger's records (Prefect's, Ray's driver logger's, other libraries') and warnings go to the
+    run log and to the console handler (which shows what --verbose asks for); `rca` (our notes, the
+    console's lines) to the run log only, and `rca.output` (captured stdout/stderr) to both."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"runlog": {"()": RunLogFormatter}},
+        "filters": {"harmless": {"()": HarmlessWarnings}},
+        "handlers": {
+            "runlog": {"()": RunLogHandler, "filename": str(path), "formatter": "runlog"},
+            "console": {"()": ConsoleHandler, "level": "INFO", "filters": ["harmless"]},
+        },
+        "loggers": {
+            "rca": {"level": "INFO", "handlers": ["runlog"], "propagate": False},
+            "rca.output": {"level": "INFO", "handlers": ["console"], "propagate": True},
+            "py.warnings": {"handlers": ["runlog", "console"], "propagate": False},
+        },
+        "root": {"level": "WARNING", "handlers": ["runlog", "console"]},
+    }
+
+
 def setup(path: str | Path, verbose: bool = False) -> Path:
-    """Start the run log at `path` and route logging/warnings there. Call before importing Prefect so
-    that Prefect leaves the root logger to us (it adds its console handler only to an unconfigured
-    root); called later, Prefect's console handlers are muted (unless verbose) and restored by teardown."""
+    """Start the run log at `path` and route logging, warnings and Prefect's logs there (COMMAND_ENV).
+    Best called before Prefect and Ray are imported (Prefect then reads prefect_logging.yml at its
+    import; Ray reads RAY_DEDUP_LOGS at its import); when Prefect is already imported, its loggers are
+    configured from that file here."""
     teardown()
-    STATE.log = RunLog(path)
-    STATE.verbose = bool(verbose)
-    STATE.saved = []
-    STATE.warnings_shown = 0
-    # Prefect: run logs at INFO to the API/UI (and our log); Prefect's own console handler stays quiet.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    root = logging.getLogger()
-    STATE.handler = RunLogHandler(level=logging.INFO)
-    STATE.handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(STATE.handler)
-    if not verbose:
-        for h in list(root.handlers):
-            if h is not STATE.handler and isinstance(h, logging.StreamHandler) and \
-                    getattr(h, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-                _save(h, "level", h.level)
-                h.setLevel(logging.CRITICAL + 1)
+    path = Path(path)
+    STATE.env = {k: os.environ.get(k) for k in COMMAND_ENV}
+    for k, v in COMMAND_ENV.items():
+        os.environ.setdefault(k, v)
+    if "prefect" in sys.modules:
+        from prefect.logging.configuration import load_logging_config
+
+        config = load_logging_config(Path(os.environ["PREFECT_LOGGING_SETTINGS_PATH"]))
+        config.pop("root", None)  # ours
+        logging.config.dictConfig(config)
+    STATE.path, STATE.verbose = path, bool(verbose)
+    logging.config.dictConfig(logging_config(path))
     logging.captureWarnings(True)
-    STATE.log.write("rca", f"run log of: {' '.join(sys.argv)} (pid {os.getpid()}, cwd {os.getcwd()})")
-    return STATE.log.path
-
-
-def _save(obj, attr, old) -> None:
-    STATE.saved.append((obj, attr, old))
+    CONSOLE.bind(sys.stdout, sys.stderr)
+    log_line("rca", f"run log of: {' '.join(sys.argv)} (pid {os.getpid()}, cwd {os.getcwd()})")
+    return path
 
 
 def teardown() -> None:
     """Stop the run log; restore what setup changed."""
-    if STATE.handler is not None:
-        logging.getLogger().removeHandler(STATE.handler)
-    for obj, attr, old in reversed(STATE.saved or []):
-        if attr == "level":
-            obj.setLevel(old)
-        elif attr == "handler":
-            obj.addHandler(old)
-        elif attr == "remove_handler":
-            obj.removeHandler(old)
-        elif callable(old) and attr.startswith("call:"):
-            old()
+    for k, v in STATE.env.items():
+        if v is None:
+            os.environ.pop(k, None)
         else:
-            setattr(obj, attr, old)
-    if STATE.log is not None:
-        logging.captureWarnings(False)
-        STATE.log.close()
-    STATE.log, STATE.handler, STATE.saved, STATE.verbose = None, None, None, False
+            os.environ[k] = v
+    STATE.env = {}
+    if STATE.path is None:
+        return
+    CONSOLE.reset()
+    logging.captureWarnings(False)
+    for name in (None, "rca", "rca.output", "py.warnings"):
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, (RunLogHandler, ConsoleHandler))]:
+            logger.removeHandler(h)
+            h.close()
+    CONSOLE.bind()
+    STATE.path, STATE.verbose = None, False
 
 
 def drain_prefect(timeout: float = 10.0) -> None:
@@ -459,13 +484,100 @@ def drain_prefect(timeout: float = 10.0) -> None:
 
 def failure(exc: BaseException, max_lines: int = 12) -> str:
     """What the console shows of a failed command: the error's type and message (its first `max_lines`
-    lines, each at most 300 characters); the whole traceback goes to the run log."""
+    lines, each at most 300 characters); the whole traceback goes to the run log. Ends the live lines."""
+    CONSOLE.reset()
     log_line("rca ERROR", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
     lines = [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines]
     more = len(lines) - max_lines
     text = "\n".join(lines[:max_lines]) + (f"\n  ... ({more} more lines in the run log)" if more > 0 else "")
     return f"{PREFIX}failed: {type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------- stdout/stderr
+# Ray's prefix of a worker's line on the driver: "(pid=7)", "(shout pid=7)", "(Talker pid=7, ip=10.0.0.2)";
+# of its own messages: "(raylet)", "(raylet, ip=10.0.0.2)", "(autoscaler +1m2s)".
+RAY_PREFIX = re.compile(r"^\((?:(?P<who>[^()]*?) )?pid=(?P<pid>\d+)(?:, ip=(?P<ip>[^)\s]+))?\) ?(?P<text>.*)$"
+                        r"|^\((?P<ray>raylet|autoscaler)[^)]*\) ?(?P<rtext>.*)$", re.S)
+
+
+class _OutputStream(io.TextIOBase):
+    """sys.stdout or sys.stderr while captured: each line to the `rca.output` logger (the run log; the
+    console with --verbose). A line with Ray's prefix gets that worker as its source, and so do the
+    unprefixed lines of the same print (a multi-line message); the first line of a Ray error message
+    (`(raylet) ...`) is marked for the console."""
+
+    def __init__(self, name: str, original):
+        self.name, self.original = name, original
+        self._lock = threading.Lock()
+        self._buf: dict[int, str] = {}   # thread -> unfinished line
+        self._src: dict[int, str] = {}   # thread -> source of its unfinished print's Ray line
+        self._inside = threading.local()
+
+    def write(self, s: str) -> int:
+        if getattr(self._inside, "on", False):  # logging's own error report: never back into logging
+            return self.original.write(s)
+        tid = threading.get_ident()
+        with self._lock:
+            *lines, self._buf[tid] = (self._buf.get(tid, "") + s).split("\n")
+        for line in lines:
+            self._line(tid, line)
+        if lines and not self._buf[tid]:  # the print ended: its next line has no source yet
+            self._src.pop(tid, None)
+        return len(s)
+
+    def _line(self, tid: int, raw: str) -> None:
+        line = clean(raw)
+        m = RAY_PREFIX.match(line)
+        error = False
+        if m and m.group("ray"):
+            self._src[tid], line, error = f"({m.group('ray')})", m.group("rtext"), m.group("ray") == "raylet"
+        elif m:
+            who = f"{m.group('who')} " if m.group("who") else ""
+            ip = m.group("ip") or STATE.node_ip
+            self._src[tid] = f"({who}pid={m.group('pid')}{' ip=' + ip if ip else ''})"
+            line = m.group("text")
+        self._inside.on = True
+        try:
+            _OUTPUT.log(logging.WARNING if error else logging.INFO, "%s", line,
+                        extra={"source": self._src.get(tid, self.name), "ray_error": error})
+        finally:
+            self._inside.on = False
+
+    def flush(self, every_thread: bool = False) -> None:
+        with self._lock:
+            rests = [(t, self._buf.pop(t)) for t in list(self._buf) if every_thread or t == threading.get_ident()]
+        for tid, rest in rests:
+            if rest.strip():
+                self._line(tid, rest)
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+
+@contextlib.contextmanager
+def capture_output(stdout: bool = True, stderr: bool = True):
+    """For the block: what this process writes to sys.stdout/sys.stderr goes to the run log (and, with
+    --verbose, to the console) instead of the terminal. Nothing changes without a run log."""
+    if not active():
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    if stdout:
+        sys.stdout = _OutputStream("stdout", saved[0])
+    if stderr:
+        sys.stderr = _OutputStream("stderr", saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _OutputStream):
+                stream.flush(every_thread=True)
+        sys.stdout, sys.stderr = saved
 
 
 # ------------------------------------------------------------------------------------------ Ray
@@ -477,88 +589,30 @@ def worker_log_env() -> dict[str, str]:
     return dict(WORKER_LOG_ENV) if active() else {}
 
 
-def _source(data: dict) -> str:
-    if data.get("pid") in ("autoscaler", "raylet"):
-        return f"({data['pid']})"
-    who = data.get("actor_name") or data.get("task_name") or "worker"
-    where = data.get("ip") or data.get("localhost") or ""
-    return f"({who} pid={data.get('pid')}{' ip=' + where if where else ''})"
-
-
-def ray_lines(data: dict) -> None:
-    """Handler of Ray's worker stdout/stderr batches: to the run log; live with --verbose."""
-    src = _source(data)
-    lines = data.get("lines", [])
-    if data.get("pid") == "autoscaler":  # Ray prints only the autoscaler's events, not its status reports
-        try:
-            from ray._private.worker import filter_autoscaler_events
-
-            lines = list(filter_autoscaler_events(lines))
-        except ImportError:
-            lines = []
-    lines = [clean(ln) for ln in lines]
-    for ln in lines:
-        log_line(src, ln)
-    if STATE.verbose:
-        for ln in lines:
-            if ln:
-                CONSOLE.say(f"{src} {ln}", log=False)
-
-
-def ray_error(data: dict) -> None:
-    """Ray's error messages to the driver (a worker died, OOM): run log, plus one line on the console."""
-    lines = [clean(ln) for ln in data.get("lines", []) for ln in str(ln).splitlines()]
-    for ln in lines:
-        log_line("(raylet)", ln)
-    first = next((ln for ln in lines if ln.strip()), "")
-    if first:
-        CONSOLE.say(f"{PREFIX}Ray: {first[:200]}" + ("" if STATE.verbose else f" (details: {log_path()})"), log=False)
-
-
-def capture_ray_logs() -> bool:
-    """After ray.init(log_to_driver=True): send the workers' output to the run log instead of the
-    console, and Ray's driver-side logger too. Returns False (Ray prints as usual) without a run log."""
+@contextlib.contextmanager
+def ray_output(session_dir: str | None = None):
+    """While Ray is connected (after ray.init(log_to_driver=True), until after ray.shutdown): the workers'
+    output, which Ray prints on the driver's stdout/stderr, and the records of Ray's driver logger go to
+    the run log instead of the console. Worker lines from this node get this node's IP, as remote ones
+    get theirs from Ray. Nothing changes without a run log."""
     if not active():
-        return False
-    import ray._private.worker as rw
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    dispatcher.remove_handler("ray_print_logs")  # ours prints them too with --verbose (one copy, no colours)
-    dispatcher.remove_handler("rca_run_log")
-    dispatcher.add_handler("rca_run_log", ray_lines)
-    # error messages are printed through this module function (listen_error_messages)
-    if getattr(rw.print_to_stdstream, "__name__", "") != "_rca_print_to_stdstream":
-        original = rw.print_to_stdstream
-
-        def _rca_print_to_stdstream(data, ignore_prefix: bool = False):
-            if active() and data.get("pid") == "raylet":
-                return ray_error(data)
-            return original(data, ignore_prefix)
-
-        rw.print_to_stdstream = _rca_print_to_stdstream
-        _save(rw, "print_to_stdstream", original)
-    ray_logger = logging.getLogger("ray")
-    if STATE.handler is not None and STATE.handler not in ray_logger.handlers:
-        ray_logger.addHandler(STATE.handler)
-        _save(ray_logger, "remove_handler", STATE.handler)
-    if not STATE.verbose:
-        for h in list(ray_logger.handlers):
-            if h is not STATE.handler and isinstance(h, logging.StreamHandler):
-                _save(ray_logger, "handler", h)
-                ray_logger.removeHandler(h)
-    try:
-        session = rw._global_node.get_session_dir_path() if rw._global_node is not None else None
-    except Exception:  # noqa: BLE001
-        session = None
-    if session:
-        log_line("rca", f"Ray session directory (this node's raw Ray logs): {session}")
-    return True
-
-
-def release_ray_logs() -> None:
-    """Before ray.shutdown: stop our dispatcher handler (Ray's own is re-added by the next ray.init)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+        yield
         return
-    dispatcher.remove_handler("rca_run_log")
+    import ray
+
+    STATE.node_ip = ray.util.get_node_ip_address()
+    if session_dir:
+        log_line("rca", f"Ray session directory (this node's raw Ray logs): {session_dir}")
+    ray_logger = logging.getLogger("ray")  # Ray's own handler writes to stderr: the root's handlers instead
+    handlers, propagate = list(ray_logger.handlers), ray_logger.propagate
+    for h in handlers:
+        ray_logger.removeHandler(h)
+    ray_logger.propagate = True
+    try:
+        with capture_output():
+            yield
+    finally:
+        STATE.node_ip = ""
+        ray_logger.propagate = propagate
+        for h in handlers:
+            ray_logger.addHandler(h)

@@ -50,32 +50,31 @@ def ray_session(rc: RayConfig, num_cpus: int | None = None):
     if rc.address:
         check_reachable(rc.address)
     # With a run log (tasks.console: `rca run/stage`), the workers' stdout/stderr reach the driver as usual
-    # (log_to_driver, from every node) but are written to the run log instead of the console.
+    # (log_to_driver, from every node), where Ray prints them to sys.stdout/sys.stderr: console.ray_output
+    # sends those to the run log instead of the console.
     env = {"env_vars": {**worker_env(local=not rc.address), **console.worker_log_env()}}
     try:
         if rc.address:
-            ray.init(address=rc.address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
+            ctx = ray.init(address=rc.address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            ctx = ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                           log_to_driver=True, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = rc.address or "a local Ray instance"
         raise RuntimeError(f"cannot connect to Ray at {where} (ray.address): {e}") from e
-    if console.capture_ray_logs():
-        res = ray.cluster_resources()
-        nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        console.say(f"Ray: {'cluster ' + rc.address if rc.address else 'local'}, {nodes} node(s), "
-                    f"{res.get('CPU', 0):g} CPUs" + (f", {res['GPU']:g} GPUs" if res.get("GPU") else "")
-                    + ("" if console.verbose() else " (worker output: run log)"))
-    try:
-        yield ray
-    finally:
+    with console.ray_output(session_dir=(getattr(ctx, "address_info", None) or {}).get("session_dir")):
+        if console.active():
+            res = ray.cluster_resources()
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
+            console.say(f"Ray: {'cluster ' + rc.address if rc.address else 'local'}, {nodes} node(s), "
+                        f"{res.get('CPU', 0):g} CPUs" + (f", {res['GPU']:g} GPUs" if res.get("GPU") else "")
+                        + ("" if console.verbose() else " (worker output: run log)"))
         try:
+            yield ray
+        finally:
             try:
                 from .actor_pool import release_pools
 
                 release_pools()  # the run's pooled actors
             finally:
                 ray.shutdown()
-        finally:
-            console.release_ray_logs()

@@ -21,6 +21,7 @@ import pytest
 from conftest import ROOT, copy_stages, write_config
 import prefect_api
 from harness.slowdown import slowdown_env
+from terminal import screen
 
 pytestmark = pytest.mark.slow
 RCA = str(Path(sys.executable).with_name("rca"))
@@ -120,23 +121,10 @@ def _run_in_pty(args: list[str], env: dict, timeout: float = 600) -> tuple[int, 
     return rc, buf.decode(errors="replace").replace("\r\n", "\n")
 
 
-def screen(raw: str) -> list[str]:
-    """What the terminal shows: \\r returns to column 0, ESC[K erases the rest of the line."""
-    lines, cur = [], ""
-    for part in re.split(r"(\r|\n|\x1b\[K)", raw):
-        if part == "\r":
-            cur = ""
-        elif part == "\n":
-            lines.append(cur)
-            cur = ""
-        elif part != "\x1b[K":
-            cur += part
-    return lines + ([cur] if cur else [])
-
-
 def test_stage_in_a_terminal_live_line_and_verbose(reference_run, prefect_server, tmp_path):
-    """`rca stage crf_labels --verbose` in a terminal: a live line redrawn in place (images, rate, ETA)
-    that ends as the summary line; --verbose shows Ray worker output and Prefect's logs live."""
+    """`rca stage crf_labels --verbose` in a terminal: a live line redrawn in place (images, rate, ETA; rich's
+    live display: carriage return, erase line) that ends as the summary line; --verbose shows Ray worker
+    output and Prefect's logs live."""
     from rca_core.config import load_config
 
     assert reference_run["rc"] == 0
@@ -146,7 +134,7 @@ def test_stage_in_a_terminal_live_line_and_verbose(reference_run, prefect_server
     rc, raw = _run_in_pty([RCA, "stage", "crf_labels", "-c", str(cfg_path), "--no-with-upstream", "--verbose"], env)
     shown = screen(raw)
     assert rc == 0, "\n".join(shown[-60:])
-    assert re.search(r"\rcrf_labels\s+\[[#.]+\] \d+/24 images\s+\d+%", raw), raw[-3000:]
+    assert re.search(r"\r(\x1b\[2K)?crf_labels\s+\[[#.]+\] \d+/24 images\s+\d+%", raw), raw[-3000:]
     assert re.search(r"crf_labels\s+\[[#.]+\] \d+/24 images .*ETA \d+:\d\d", raw)
     assert not any(ln.startswith("crf_labels ") for ln in shown), "the live line is gone at the end"
     found = summary_lines("\n".join(shown))
