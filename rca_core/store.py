@@ -229,13 +229,6 @@ class StageOutput:
     def get_array(self, name: str) -> tuple[np.ndarray, dict]:
         return self._read_checked(f"_arrays/{name}", "_arrays", name)
 
-    def has_array(self, name: str) -> bool:
-        try:
-            z = zarr.open_array(self.store.zstore, path=f"{self.key}/_arrays/{name}", mode="r")
-            return has_marker(dict(z.attrs))
-        except Exception:
-            return False
-
     # ---------------------------------------------------------------- worker side
     def write(self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
         """Write all fields of one image; the image counts as done only after the last marker.
@@ -487,14 +480,6 @@ class StageOutput:
             sets.append({r[0] for r in rels if len(r) == 2 and r[1] == "zarr.json"})
         return sorted(set.intersection(*sets)) if sets else []
 
-    def invalidate(self, image_id: str) -> None:
-        """Remove one image's entries (driver only), e.g. after a damaged read downstream."""
-        check_image_id(image_id)
-        for field in self.fields:
-            rel = self.store.loc.join(self.key, field, image_id)
-            if self.store.loc.fs.exists(rel):
-                self.store.loc.fs.rm(rel, recursive=True)
-
     # ---------------------------------------------------------------- tables and files
     def write_manifest(self, rows: list[dict], part: str | None = None) -> str | None:
         """Append manifest rows as one Parquet part (driver only)."""
@@ -556,12 +541,6 @@ class StageOutput:
 
     def read_file(self, name: str) -> bytes:
         return self.file(name).read_bytes()
-
-    def open_file(self, name: str, mode: str = "rb"):
-        path = self.store.loc.join(self.key, "files", name)
-        if "w" in mode and self.store.is_local:
-            self.store.loc.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        return self.store.loc.fs.open(path, mode)
 
     def has_file(self, name: str) -> bool:
         return self.file(name).exists()
