@@ -33,10 +33,10 @@ def test_obstore_and_s3fs_write_the_same_objects_and_read_each_other(s3, monkeyp
     from rca_core.store import ArtifactStore, DamagedEntryError
 
     fast = ArtifactStore("s3://paths/run").stage("cam_infer", "fp").prepare(["cam"])
-    assert fast._objects() is not None  # a key in the environment: obstore serves per-image entries
+    assert fast._entries.client() is not None  # a key in the environment: obstore serves per-image entries
     slow = ArtifactStore("s3://paths/run").stage("cam_infer", "fp")
     slow.object_fast_path = False       # this handle: the fsspec path
-    assert slow._objects() is None
+    assert slow._entries.client() is None
     cam = np.random.default_rng(0).integers(0, 256, (2, 37, 51)).astype(np.uint8)
     fast.write("a", {"cam": cam}, attrs={"classes": [3, 7]})
     slow.write("b", {"cam": cam}, attrs={"classes": [3, 7]})
