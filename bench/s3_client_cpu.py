@@ -70,8 +70,8 @@ def main() -> None:
             for path in ("obstore", "s3fs"):
                 out = ArtifactStore("s3://cpu/run").stage("cam_infer", f"{path}{r}").prepare(["cam"])
                 if path == "s3fs":
-                    out._obj = (os.getpid(), None)
-                elif out._objects() is None:
+                    out.object_fast_path = False
+                elif out._entries.client() is None:
                     raise SystemExit("obstore is not installed (pip install -e '.[s3]')")
                 ids = [f"img_{i:05d}" for i in range(args.entries)]
                 for op, fn in (("write", lambda i: out.write(i, {"cam": cams[int(i[4:]) % len(cams)]}, attrs={"classes": [1]})),

@@ -81,12 +81,3 @@ def decode_cam(stored: np.ndarray) -> np.ndarray:
         return t.to(torch.float32).mul_(_INV_255).numpy()
     return stored.astype(np.float32)
 
-
-def cam_to_label(cam: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
-    """(n, H, W) CAMs of class ids `classes` -> uint8 label map: the top class where its CAM > threshold, else 0."""
-    if cam.shape[0] == 0:
-        return np.zeros(cam.shape[1:], dtype=np.uint8)
-    cam = np.asarray(cam, dtype=np.float32)
-    top = cam.argmax(0)
-    ids = np.asarray(classes, dtype=np.uint8)
-    return np.where(cam.max(0) > threshold, ids[top], 0).astype(np.uint8)

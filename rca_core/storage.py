@@ -15,9 +15,11 @@ Object storage:
   does not depend on the botocore version honouring them.
 - Non-secret options (endpoint URL, region, profile name) may also be given in the run config's
   `storage` section; they are passed as fsspec storage options.
-- The artifact store's per-image entries on s3:// go through obstore (`object_store`, part of the s3 extra)
-  when a key is in the environment: the same objects, a fifth of s3fs's CPU per request. Everything else,
-  and every s3:// location without obstore or with a profile, goes through s3fs.
+- The artifact store's per-image entries and `fetch` (the data set's images and masks) on s3:// go through
+  obstore (`object_store`, part of the s3 extra) when a key is in the environment: the same objects, a fifth
+  of s3fs's CPU per request. Everything else, and every s3:// location without obstore or with a profile,
+  goes through s3fs. Both clients' requests pass rca_core.object_io (the only module that calls obstore,
+  and the one place a policy for object-storage requests, such as retries, would go).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from rca_core import object_io
+from rca_core.object_io import cat_file, one_read_kwargs  # noqa: F401 - part of this module's API
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
@@ -130,19 +135,6 @@ def filesystem(location: str | os.PathLike, storage: Any = None) -> tuple[Any, s
         raise MissingExtraError(f"{s}: no file system for {proto}:// ({e})") from None
 
 
-def one_read_kwargs(fs) -> dict:
-    """Keyword arguments that make `fs.cat_file` / `fs.cat` fetch a whole file in one request: s3fs otherwise asks
-    each object's size first (a HEAD before the GET) to decide whether to split the read."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return {"max_concurrency": 1} if "s3" in protocols else {}
-
-
-def cat_file(fs, path: str) -> bytes:
-    """The bytes of one small file (a per-image entry, an image), one request on object storage. Large files
-    (checkpoints) go through `fs.cat_file` itself, which s3fs reads in concurrent parts."""
-    return fs.cat_file(path, **one_read_kwargs(fs))
-
-
 @dataclass(frozen=True)
 class FileRef:
     """One file at a location: read, write (atomic), test. Picklable (fsspec file systems are)."""
@@ -152,11 +144,11 @@ class FileRef:
     uri: str
 
     def exists(self) -> bool:
-        return bool(self.fs.exists(self.path))
+        return bool(object_io.request(self.path, self.fs.exists, self.path))
 
     def read_bytes(self) -> bytes:
         try:  # fsspec's own read: s3fs splits a large object (a checkpoint) into concurrent ranged GETs
-            return self.fs.cat_file(self.path)
+            return object_io.request(self.path, self.fs.cat_file, self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"file not found: {self.uri}") from None
 
@@ -176,7 +168,7 @@ class FileRef:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        self.fs.pipe_file(self.path, data)
+        object_io.request(self.path, self.fs.pipe_file, self.path, data)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
@@ -185,11 +177,11 @@ class FileRef:
         return self.read_bytes().decode()
 
     def size(self) -> int:
-        return int(self.fs.size(self.path))
+        return int(object_io.request(self.path, self.fs.size, self.path))
 
     def remove(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path)
+        if self.exists():
+            object_io.request(self.path, self.fs.rm, self.path)
 
     def __str__(self) -> str:
         return self.uri
@@ -267,35 +259,10 @@ def object_store(location: str, storage: Any = None):
     files and SSO are s3fs's to resolve). The store's per-image requests go through it: measured on SeaweedFS,
     0.4-0.6 ms of Python CPU per two-object entry against s3fs's 2-4.5 ms (docs/benchmarks.md), which on a
     busy node is CPU taken from the stage. Same environment and options as `options_for`; never a credential
-    in a config."""
+    in a config. Made by rca_core.object_io (`s3_client`), the one module that calls obstore."""
     if protocol(location) not in ("s3", "s3a"):
         return None
-    try:
-        from obstore.store import S3Store
-    except ImportError:
-        return None
-    opts = options_for(location, storage)
-    anon = bool(opts.get("anon"))
-    if opts.get("profile") or not (anon or os.environ.get("AWS_ACCESS_KEY_ID")):
-        return None
-    bucket = str(location).split("://", 1)[1].split("/", 1)[0]
-    kw: dict = {"region": (opts.get("client_kwargs") or {}).get("region_name") or "us-east-1"}
-    endpoint = opts.get("endpoint_url")
-    if endpoint:
-        kw["endpoint"] = endpoint
-        kw["allow_http"] = endpoint.startswith("http://")
-        kw["virtual_hosted_style_request"] = False  # path-style, as s3fs with an endpoint
-    if anon:
-        kw["skip_signature"] = True
-    else:
-        kw["access_key_id"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kw["secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return S3Store(bucket, **kw)
-
-
-_CLIENTS: dict[tuple, Any] = {}
+    return object_io.s3_client(_bucket(location), options_for(location, storage))
 
 
 def process_object_store(location: str, storage: Any = None):
@@ -303,25 +270,15 @@ def process_object_store(location: str, storage: Any = None):
     worker, makes its own: a client must not be shared across processes); None where fsspec serves."""
     if protocol(location) not in ("s3", "s3a"):
         return None
-    bucket = str(location).split("://", 1)[1].split("/", 1)[0]
-    key = (os.getpid(), bucket, repr(sorted(options_for(location, storage).items())),
-           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SESSION_TOKEN"))
-    if key not in _CLIENTS:
-        _CLIENTS[key] = object_store(location, storage)
-    return _CLIENTS[key]
+    return object_io.process_s3_client(_bucket(location), options_for(location, storage))
+
+
+def _bucket(location: str) -> str:
+    return object_io.split_key(str(location).split("://", 1)[1])[0]
 
 
 def fetch(fs, path: str, location: str, storage: Any = None) -> bytes:
     """The bytes of the file at `path` (a path of `fs`, under `location`) in one request: through obstore for an
-    s3:// location where `object_store` serves (less client CPU), else fsspec without s3fs's size request."""
-    obj = process_object_store(location, storage)
-    if obj is None:
-        return cat_file(fs, path)
-    import obstore
-
-    try:
-        return bytes(obstore.get(obj, path.split("/", 1)[1]).bytes())
-    except Exception as e:  # noqa: BLE001 - obstore's NotFoundError is not a FileNotFoundError
-        if type(e).__name__ == "NotFoundError":
-            raise FileNotFoundError(path) from None
-        raise
+    s3:// location where `object_store` serves (less client CPU), else fsspec without s3fs's size request.
+    A missing file is FileNotFoundError on either path."""
+    return object_io.get(fs, path, process_object_store(location, storage))

@@ -1,10 +1,10 @@
-"""rca_core.one_chunk: the store's per-image arrays encoded and decoded without zarr-python, as zarr-python would."""
+"""rca_core.store.one_chunk: the store's per-image arrays encoded and decoded without zarr-python, as zarr-python would."""
 import numpy as np
 import pytest
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from rca_core import one_chunk
+from rca_core.store import one_chunk
 from rca_core.store import COMPRESSORS, MARKER, ArtifactStore, DamagedEntryError, checksum
 
 

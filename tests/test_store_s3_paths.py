@@ -33,10 +33,10 @@ def test_obstore_and_s3fs_write_the_same_objects_and_read_each_other(s3, monkeyp
     from rca_core.store import ArtifactStore, DamagedEntryError
 
     fast = ArtifactStore("s3://paths/run").stage("cam_infer", "fp").prepare(["cam"])
-    assert fast._objects() is not None  # a key in the environment: obstore serves per-image entries
+    assert fast._entries.client() is not None  # a key in the environment: obstore serves per-image entries
     slow = ArtifactStore("s3://paths/run").stage("cam_infer", "fp")
     slow.object_fast_path = False       # this handle: the fsspec path
-    assert slow._objects() is None
+    assert slow._entries.client() is None
     cam = np.random.default_rng(0).integers(0, 256, (2, 37, 51)).astype(np.uint8)
     fast.write("a", {"cam": cam}, attrs={"classes": [3, 7]})
     slow.write("b", {"cam": cam}, attrs={"classes": [3, 7]})
@@ -110,3 +110,53 @@ def test_data_set_on_s3_reads_each_file_with_one_request(s3, tmp_path, monkeypat
                         (tmp_path / "voc" / "SegmentationClassAug" / f"{IDS[0]}.png").read_bytes())
     with pytest.raises(DataError, match=IDS[1]):
         VOCDataset(f"s3://paths/voc-{client}").mask(IDS[1])
+
+
+def test_entries_are_the_same_bytes_on_disk_through_obstore_and_through_s3fs(s3, tmp_path):
+    """The entry I/O's three paths (local disk, obstore, fsspec/s3fs) store the same files for the same arrays
+    (the bytes zarr-python writes: tests/test_store_parts.py), and each reads every other's back."""
+    from test_store_parts import ATTRS, arrays, entry_files
+
+    from rca_core.store import ArtifactStore
+
+    local = ArtifactStore(tmp_path / "store").stage("cam_infer", "same").prepare(["cam"])
+    fast = ArtifactStore("s3://paths/same").stage("cam_infer", "same").prepare(["cam"])
+    slow = ArtifactStore("s3://paths/same").stage("cam_infer", "same")
+    slow.object_fast_path = False
+    for name, arr in arrays().items():
+        for out, prefix in ((local, "d"), (fast, "o"), (slow, "f")):
+            out.write(f"{prefix}-{name}", {"cam": arr}, attrs=ATTRS)
+        on_disk = entry_files(local, "cam", f"d-{name}")
+        assert entry_files(fast, "cam", f"o-{name}") == on_disk == entry_files(slow, "cam", f"f-{name}"), name
+        for out in (fast, slow):
+            for prefix in ("o", "f"):
+                got, attrs = out.read(f"{prefix}-{name}", "cam")
+                assert got.dtype == arr.dtype and np.array_equal(got, arr) and attrs == ATTRS
+
+
+def test_a_missing_object_is_file_not_found_through_both_clients(s3):
+    """A missing object: FileNotFoundError from every request of rca_core.object_io and from storage.fetch,
+    DamagedEntryError (metadata missing) from the store, whichever client serves."""
+    from rca_core import object_io, storage
+    from rca_core.store import ArtifactStore, DamagedEntryError
+
+    fs, _ = storage.filesystem("s3://paths/nf")
+    client = storage.process_object_store("s3://paths/nf")
+    assert client is not None
+    object_io.put_many(fs, {"paths/nf/here": b"here"}, client)
+    for c in (client, None):
+        assert object_io.get(fs, "paths/nf/here", c) == b"here"
+        with pytest.raises(FileNotFoundError):
+            object_io.get(fs, "paths/nf/gone", c)
+        got = object_io.get_many(fs, ["paths/nf/here", "paths/nf/gone"], c)
+        assert got["paths/nf/here"] == b"here" and isinstance(got["paths/nf/gone"], FileNotFoundError), got
+    with pytest.raises(FileNotFoundError):
+        storage.fetch(fs, "paths/nf/gone", "s3://paths/nf")
+    for fast_path in (True, False):
+        out = ArtifactStore("s3://paths/nf").stage("cam_infer", "fp").prepare(["cam"])
+        out.object_fast_path = fast_path
+        out.write("a", {"cam": np.ones((2, 3), np.uint8)})
+        for _ in range(2):  # before and after the field's chunk key is known
+            with pytest.raises(DamagedEntryError, match="missing or unreadable metadata \\(FileNotFoundError\\)"):
+                out.read("gone", "cam")
+            out.read("a", "cam")

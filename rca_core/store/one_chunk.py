@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from rca_core.store.jsonvalues import plain_json
+
 _NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
             "float16", "float32", "float64"}
 _templates: dict[tuple[str, int], tuple[list, Any] | None] = {}
@@ -115,15 +117,6 @@ def encode(arr: np.ndarray, attributes: dict, compressors, chunk_marker: str | N
     attributes = attributes if chunk_marker is None else {**attributes, chunk_marker: zlib.crc32(chunk)}
     text = _fill(parts, {"shape": shape, "chunk_shape": shape, "attributes": attributes})
     return {"zarr.json": text.encode(), chunk_key(arr.ndim): chunk}
-
-
-def plain_json(o):
-    """json.dumps' `default` for numpy values; anything else is refused, as zarr-python refuses it."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"attribute value {o!r} ({type(o).__name__}) is not JSON")
 
 
 def parse_meta(meta: bytes) -> dict:

@@ -1,0 +1,175 @@
+"""Requests to object storage: the one module that calls obstore, and the one place a policy for the requests
+that pass here (retries, timeouts, request counting) would go. They are the artifact store's (per-image entries,
+listings, manifest, tables, files), rca_core.storage's FileRef and `fetch` (the data set's images and masks);
+zarr-python's own requests (the store's group metadata and whole arrays) go through its FsspecStore instead.
+
+Two clients reach an s3:// location: obstore (the Rust object_store, used where `s3_client` makes one: ~a fifth of
+s3fs's Python CPU per request) and fsspec (s3fs, gcsfs, or the local file system; everything else). Callers hand
+in the fsspec file system, the path inside it (object storage: `bucket/key`, as fsspec writes it) and, where one
+serves, the obstore client; the functions here pick the client and make every answer look the same:
+
+- `get(fs, path, client)`: one file's bytes in one request; a missing file is FileNotFoundError on every path.
+- `get_many(fs, paths, client)`: several files concurrently, {path: bytes or the exception} (fsspec's
+  `on_error="return"` shape), a missing file as FileNotFoundError.
+- `put_many(fs, files, client)`: several files; through obstore one after the other in the given order, through
+  fsspec in one concurrent round trip.
+- `request(path, fn, ...)`: any other call that reaches object storage (fsspec's listings, `pipe_file`, ...), so
+  that it passes the same point.
+
+Every request goes through `request` (blocking) or its async twin `_request_async` (inside `get_many`'s event
+loop), side by side below; both map obstore's NotFoundError (not an OSError) to FileNotFoundError
+(`_as_file_error`). A retry policy belongs in that pair and nowhere else. obstore's own retry settings, should
+they be wanted instead, are given where its client is made (`s3_client`).
+
+This module imports nothing from the rest of the project, so both the I/O layer (rca_core.storage) and the
+artifact store (rca_core.store) build on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Awaitable, Callable
+
+
+def split_key(path: str) -> tuple[str, str]:
+    """(bucket, key) of an object-storage path as fsspec writes it: `bucket/key/...` (no scheme)."""
+    bucket, _, key = str(path).partition("/")
+    return bucket, key
+
+
+def is_not_found(e: BaseException) -> bool:
+    """Whether an error of either client means "no such object" (obstore's NotFoundError is not an OSError)."""
+    return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
+
+
+def _as_file_error(e: BaseException, path: str) -> BaseException:
+    """The error a caller sees: "no such object" of either client as FileNotFoundError, anything else unchanged."""
+    return FileNotFoundError(path) if is_not_found(e) and not isinstance(e, FileNotFoundError) else e
+
+
+def request(path: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """`fn(*args, **kwargs)`: one request for `path` (the object it concerns, named in a FileNotFoundError)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        mapped = _as_file_error(e, path)
+        if mapped is e:
+            raise
+        raise mapped from None
+
+
+async def _request_async(path: str, make: Callable[[], Awaitable[Any]]) -> Any:
+    """`request` for a coroutine (`make()` starts the request)."""
+    try:
+        return await make()
+    except Exception as e:
+        mapped = _as_file_error(e, path)
+        if mapped is e:
+            raise
+        raise mapped from None
+
+
+# ------------------------------------------------------------------------------------------------ fsspec options
+def one_read_kwargs(fs) -> dict:
+    """Keyword arguments that make `fs.cat_file` / `fs.cat` fetch a whole file in one request: s3fs otherwise asks
+    each object's size first (a HEAD before the GET) to decide whether to split the read."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return {"max_concurrency": 1} if "s3" in protocols else {}
+
+
+def cat_file(fs, path: str) -> bytes:
+    """The bytes of one small file through fsspec (a per-image entry, an image), one request on object storage.
+    Large files (checkpoints) go through `fs.cat_file` itself, which s3fs reads in concurrent parts."""
+    return request(path, fs.cat_file, path, **one_read_kwargs(fs))
+
+
+# ------------------------------------------------------------------------------------------------ requests
+def get(fs, path: str, client=None) -> bytes:
+    """The bytes of the file at `path` in one request: through obstore with a client, else through fsspec."""
+    if client is None:
+        return cat_file(fs, path)
+    import obstore
+
+    return request(path, lambda: bytes(obstore.get(client, split_key(path)[1]).bytes()))
+
+
+def get_many(fs, paths: list[str], client=None) -> dict[str, Any]:
+    """{path: bytes, or the exception of its request} of several files fetched concurrently (a missing file:
+    FileNotFoundError). obstore's requests run on an event loop of their own; inside a running loop (a caller's
+    async code) fsspec serves instead."""
+    if client is not None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread (the usual case: workers, I/O threads)
+            return dict(zip(paths, asyncio.run(_get_all_async(client, paths))))
+    got = request(paths[0], fs.cat, paths, on_error="return", **one_read_kwargs(fs))
+    return {p: _as_file_error(v, p) if isinstance(v, BaseException) else v for p, v in got.items()}
+
+
+async def _get_all_async(client, paths: list[str]) -> list:
+    import obstore
+
+    async def one(path):
+        async def make():
+            return bytes(await (await obstore.get_async(client, split_key(path)[1])).bytes_async())
+        try:
+            return await _request_async(path, make)
+        except Exception as e:  # noqa: BLE001 - handed back, as fsspec's on_error="return" does
+            return e
+
+    return await asyncio.gather(*(one(p) for p in paths))
+
+
+def put_many(fs, files: dict[str, bytes], client=None) -> None:
+    """Write {path: bytes}. Through obstore one PUT after the other in the dict's order (each finished before the
+    next starts: a caller that puts a marker last relies on it); through fsspec all in one concurrent round trip
+    (no order)."""
+    if client is None:
+        request(next(iter(files)), fs.pipe, files)
+        return
+    import obstore
+
+    for path, data in files.items():
+        request(path, obstore.put, client, split_key(path)[1], data)
+
+
+# ------------------------------------------------------------------------------------------------ obstore clients
+def s3_client(bucket: str, options: dict):
+    """An obstore S3 client for `bucket` with fsspec's s3 `options` (endpoint_url, region, anon, profile), or None
+    where fsspec must serve: obstore not installed, a named profile, or no key in the environment (profiles,
+    config files and SSO are s3fs's to resolve). Credentials come from the environment only (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)."""
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        return None
+    anon = bool(options.get("anon"))
+    if options.get("profile") or not (anon or os.environ.get("AWS_ACCESS_KEY_ID")):
+        return None
+    kw: dict = {"region": (options.get("client_kwargs") or {}).get("region_name") or "us-east-1"}
+    endpoint = options.get("endpoint_url")
+    if endpoint:
+        kw["endpoint"] = endpoint
+        kw["allow_http"] = endpoint.startswith("http://")
+        kw["virtual_hosted_style_request"] = False  # path-style, as s3fs with an endpoint
+    if anon:
+        kw["skip_signature"] = True
+    else:
+        kw["access_key_id"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kw["secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return S3Store(bucket, **kw)
+
+
+_CLIENTS: dict[tuple, Any] = {}
+
+
+def process_s3_client(bucket: str, options: dict):
+    """`s3_client(bucket, options)` made once per process, bucket, options and key (a forked child, or a Ray worker,
+    makes its own: a client must not be shared across processes)."""
+    key = (os.getpid(), bucket, repr(sorted(options.items())),
+           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SESSION_TOKEN"))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = s3_client(bucket, options)
+    return _CLIENTS[key]
