@@ -151,7 +151,8 @@ overhead = (pipeline seconds - plain loop seconds) / pipeline seconds, median ov
              f"{args.repeats} alternated round(s) = {frac:.1%} ({rounds}). Stage rows: medians over the rounds; "
              f"pipeline stage rows are the stage flows' wall times as the flow reports them. Prefect server start-up "
              f"{max(server_s):.1f} s at most, not included. {cpu}")
-    return Result("Orchestration overhead: Prefect + Ray vs a plain loop", rows,
+    return Result(f"Orchestration overhead: Prefect + Ray vs a plain loop ({probe.data.demo.n_train} images, "
+                  f"{args.repeats} round(s))", rows,
                   goals=[goal(f"orchestration overhead < {OVERHEAD_GOAL:.0%} of the pipeline's wall time (median of "
                               f"{args.repeats} alternated rounds)", round(frac, 4), frac < OVERHEAD_GOAL)],
                   headline={"overhead": f"{frac:.1%}", "images": probe.data.demo.n_train, "rounds": args.repeats},

@@ -406,8 +406,10 @@ the random walk beats the CRF (mIoU, all pixels)."""
     notes = (f"CAM row: best background threshold {res['cam']['bg_threshold']}. s/img: the stage's own time per "
              f"image (CRF: two dense CRFs; random walk: AffinityNet forward + walk), one thread. AffinityNet: "
              f"{res['affinity_train']['steps']} steps, {res['affinity_train']['train_seconds'] or 0:.0f} s.")
-    return Result(f"Refinement quality ({cams}, {cfg.name}, {cfg.data.eval_split} split, {len(ids)} images)", rows,
-                  goals=goals, headline={"mIoU CAM -> CRF -> walk": f"{c:.3f} -> {f:.3f} -> {w:.3f}"}, notes=notes,
+    return Result(f"Refinement quality: CAM -> CRF labels -> random walk ({cams}, {cfg.name}, {cfg.data.eval_split} "
+                  f"split, {len(ids)} images)", rows,
+                  goals=goals, goal_text="each step beats the one before (mIoU, all pixels)",
+                  headline={"mIoU CAM -> CRF -> walk": f"{c:.4f} -> {f:.4f} -> {w:.4f}"}, notes=notes,
                   details=res)
 
 
@@ -668,6 +670,7 @@ warm-up scaled to 1 epoch, as in cam-ablation), 1 torch thread per process; abou
              f"training images. Per-seed difference ({worlds[-1]} - {worlds[0]} workers): "
              + ", ".join(f"{d:+.4f}" for d in diffs) + ".")
     return Result(f"CAM mIoU on {' vs '.join(map(str, worlds))} training workers", rows, goals=goals,
+                  goal_text="same recipe on every worker count; mIoU difference below the seed spread",
                   headline={"mean |diff| vs seed std": f"{mean_abs:.4f} vs {spread:.4f}"}, notes=notes,
                   extra_tables=[{"title": "Per run", "rows": per_run}],
                   details={"runs": runs, "miou": {str(w): v for w, v in miou.items()}, "diff_per_seed": diffs,

@@ -157,6 +157,7 @@ R times, alternating, and the median is used."""
              f"shutdown {ray_info['ray_shutdown_s']:.1f} s. Stage time = Worker build in each actor + all shards + "
              f"finalize in the driver. Median of {args.repeat} run(s) per setting.")
     return Result(f"Ray scaling of the per-image stages on one host ({w_lo} -> {w_hi} actors)", rows, goals=goals,
+                  goal_text=f"speed-up {w_lo} -> {w_hi} actors >= 1.8x, the stages together and each",
                   headline={f"speed-up {w_lo} -> {w_hi} actors, " + rows[-1]["stage"]: round(overall, 3)}, notes=notes,
                   details={"config": args.config, "images": cfg.data.demo.n_train, "workers": [w_lo, w_hi],
                            "repeat": args.repeat, **ray_info, "upstream_prepare_seconds": prep_s,
@@ -260,7 +261,8 @@ each timed stage are recorded (the S3 server and this driver float over both cor
                              f"{share(RAY_WORKERS):.2f}, S3 server {share(S3_SERVER):.2f}, driver {share(DRIVER):.2f}, "
                              f"Ray system {share(RAY_SYSTEM_GROUP):.2f}")
     notes += " CPU in use during the timed stages (cores, median of the runs): " + "; ".join(cpu_lines) + "."
-    return Result("Ray scaling over two nodes that share no disk (S3 store)", rows, goals=goals,
+    return Result(f"Ray scaling over two nodes that share no disk (S3 store, {d.size} px images)", rows,
+                  goals=goals, goal_text="speed-up 1 -> 2 nodes >= 1.8x, the stages together and each",
                   headline={"speed-up 1 -> 2 nodes, " + rows[-1]["stage"]: round(overall, 3)}, notes=notes,
                   details={"runs": {f"{k[0]}/{k[1]}": v for k, v in runs.items()}, "prepare_seconds": prep_s,
                            "upload_seconds": upload_s, "cluster_start_seconds": cluster_s, "pinned_cpus": pin,
@@ -845,6 +847,8 @@ dependency order into a fresh store per scale. Train and val images are both sca
              f"epoch(s). Each row is one subprocess (plain runner); time ratio {hi}x/{lo}x of the sum = "
              f"{t_hi / t_lo:.2f} (linear = {k:g}); largest peak RSS {m_lo:.0f} -> {m_hi:.0f} MiB.")
     return Result(f"Growth: {lo}x -> {hi}x images, peak memory and time per step", rows, goals=goals,
+                  goal_text=f"flat memory (peak RSS at {hi}x <= {MEM_GOAL}x of {lo}x, overall and per step), linear "
+                            f"time ({hi}x <= {TIME_GOAL} x {k:g} x {lo}x)",
                   headline={f"peak RSS {hi}x / {lo}x": round(m_hi / m_lo, 3),
                             f"time {hi}x / {lo}x / {k:g}": round(t_hi / t_lo / k, 3)}, notes=notes,
                   details={"config": args.config, "train_images": {str(s): cfgs[s].data.demo.n_train for s in args.scales},

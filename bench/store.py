@@ -166,7 +166,8 @@ encoding work can reach. --dir picks where the rounds' folders are made."""
              f"the store's {1000 * entries_store / len(cams):.2f} ms; with the store's entries and everything else at "
              f".npy's cost, the ratio would still be {floor:.2f} (the layout's floor). Folders made in "
              f"{args.dir or tempfile.gettempdir()}.")
-    return Result("Artifact store vs .npy per image (CAMs)", rows, goals=goals,
+    return Result(f"Artifact store vs .npy per image (CAMs, folders in {args.dir or tempfile.gettempdir()})", rows,
+                  goals=goals, goal_text="uint8 store: write+read <= 1.5x npy and >= 3x smaller",
                   headline={"time store/npy (uint8)": round(t8, 2), "size npy/store (uint8)": round(s8, 2),
                             "layout's floor": round(floor, 2)}, notes=notes,
                   details={"images": len(cams), "repeats": args.repeats, "raw_float32_mib": raw_mib, "rounds": rounds,

@@ -45,6 +45,10 @@ class Child:
 class Subject:
     def __init__(self, name: str, doc: str, benchmarks: list[Benchmark], children: list[Child] = ()):
         self.name, self.doc = name, doc
+        names = tuple(b.name for b in benchmarks)
+        if names != records.BENCHMARKS.get(name):
+            raise RuntimeError(f"bench/{name}.py lists {names}; bench/_lib/records.BENCHMARKS[{name!r}] says "
+                               f"{records.BENCHMARKS.get(name)}: keep the two in step")
         self.benchmarks = {b.name: b for b in benchmarks}
         self.children = {c.name: c for c in children}
 

@@ -36,6 +36,11 @@ from .common import ROOT, machine
 SCHEMA = 1
 RESULTS = ROOT / "bench" / "results"
 SUBJECTS = ("stages", "pipeline", "quality", "store")  # the entry points, in the order the table lists them
+# each entry point's benchmarks in the order it lists them (bench/_lib/cli.Subject checks its list against this)
+BENCHMARKS = {"stages": ("throughput", "scaling", "nodes", "ray-data", "voc-cost", "growth"),
+              "pipeline": ("overhead", "resume"),
+              "quality": ("cam-ablation", "refine", "segmenter", "workers"),
+              "store": ("vs-npy", "s3", "s3-client-cpu")}
 REQUIRED = ("schema", "subject", "benchmark", "variant", "title", "goal", "met", "headline", "goals", "date",
             "commit", "machine", "command", "rows", "notes", "source")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -229,6 +234,15 @@ def met_word(met: bool | None) -> str:
 
 def headline_text(rec: dict) -> str:
     return "; ".join(f"{k} {fmt(v)}" for k, v in rec["headline"].items())
+
+
+def order_key(rec: dict) -> tuple:
+    """Entry points in SUBJECTS order, their benchmarks in BENCHMARKS order, the default setting before variants;
+    records of other subjects (measurements outside bench/) after them."""
+    subj, bench = rec["subject"], rec["benchmark"]
+    names = BENCHMARKS.get(subj, ())
+    return (SUBJECTS.index(subj) if subj in SUBJECTS else len(SUBJECTS), subj,
+            names.index(bench) if bench in names else len(names), bench, rec.get("variant") or "")
 
 
 def anchor(rec: dict) -> str:
