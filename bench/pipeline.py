@@ -293,7 +293,8 @@ sitecustomize on the children's PYTHONPATH, inherited by their Ray workers), to 
 
 SUBJECT = Subject("pipeline", __doc__, [
     Benchmark("overhead", "Prefect + Ray pipeline vs a plain loop of the stages (goal < 5 % of the wall time)",
-              overhead_args, overhead),
+              overhead_args, overhead, lambda a: f"{a.images}-images" if a.images else None,
+              "--images N (N-images)"),
     Benchmark("resume", "work redone after kill -9 mid-stage (goal: at most one shard)", resume_args, resume),
 ], children=[Child("_overhead-child", 2, overhead_child), Child("_resume-child", 2, resume_child)])
 

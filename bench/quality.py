@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._lib.cli import Benchmark, Subject  # noqa: E402
 from bench._lib.common import BENCH_RUNS, ROOT  # noqa: E402
-from bench._lib.records import Result, goal  # noqa: E402
+from bench._lib.records import Result, goal, slug  # noqa: E402
 
 
 def _base_overrides(args) -> dict:
@@ -679,9 +679,13 @@ warm-up scaled to 1 epoch, as in cam-ablation), 1 torch thread per process; abou
 
 SUBJECT = Subject("quality", __doc__, [
     Benchmark("cam-ablation", "plain-CAM baseline vs RCA, same budget, several seeds (goal: RCA > baseline)",
-              cam_ablation_args, cam_ablation),
+              cam_ablation_args, cam_ablation,
+              lambda a: None if a.variants.replace(" ", "") == "baseline,rca" else slug(a.variants),
+              "--variants other than baseline,rca (their names); give --variant with --set"),
     Benchmark("refine", "pseudo-mask quality CAM -> CRF labels -> random walk (goal: each step improves)",
-              refine_args, refine),
+              refine_args, refine,
+              lambda a: "noisy-cams" if a.noisy_cams else (f"cam-{slug(a.cam_key)}" if a.cam_key else None),
+              "--noisy-cams (noisy-cams), --cam-key K (cam-K); give --variant with --set"),
     Benchmark("segmenter", "segmenter on pseudo-masks vs ground truth, prediction throughput", segmenter_args,
               segmenter),
     Benchmark("workers", "CAM mIoU after training on 1 vs 2 workers (goal: within the seed spread)", workers_args,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._lib.cli import Benchmark, Subject  # noqa: E402
 from bench._lib.common import Timer  # noqa: E402
 from bench._lib.demo import DEMO_CONFIG, make_cams  # noqa: E402
-from bench._lib.records import Result, goal  # noqa: E402
+from bench._lib.records import Result, goal, slug  # noqa: E402
 
 
 # ============================================================================================ vs-npy
@@ -338,7 +338,7 @@ the figure that chose obstore."""
 
 SUBJECT = Subject("store", __doc__, [
     Benchmark("vs-npy", "the store vs one .npy per image: time (goal <= 1.5x) and size (goal >= 3x smaller)",
-              vs_npy_args, vs_npy),
+              vs_npy_args, vs_npy, lambda a: f"dir-{slug(a.dir)}" if a.dir else None, "--dir D (dir-D)"),
     Benchmark("s3", "per-image stages with the store on S3 vs local disk (goal <= 1.3x)", s3_args, s3),
     Benchmark("s3-client-cpu", "client CPU per store entry on S3: obstore vs s3fs", s3_client_cpu_args,
               s3_client_cpu),

@@ -6,7 +6,9 @@ runs it and returns a records.Result) and calls `Subject(...).main()`. Every ben
   --json PATH      also write the full result (rows, goals, every detail) here
   --note TEXT      a remark added to the record's notes (e.g. "machine shared with two test runs")
   --variant NAME   record under bench/results/<subject>.<benchmark>.<NAME>.json, beside the default setting's
-                   record (for a setting that is kept as a figure of its own, e.g. --variant 384px)
+                   record (a setting kept as a figure of its own). Some options imply one (stages nodes --size 384:
+                   384px; pipeline overhead --images 800: 800-images; store vs-npy --dir D: dir-<D>; quality refine
+                   --noisy-cams: noisy-cams; ...; the benchmark's --help says which)
   --results DIR    where the record goes (default bench/results; a smoke run can point elsewhere)
   --no-record      write no record
 
@@ -31,6 +33,9 @@ class Benchmark:
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], records.Result]
+    # the record's variant implied by the options (a setting kept beside the default one), when --variant is not given
+    variant: Callable[[argparse.Namespace], str | None] = lambda args: None
+    implies: str = ""  # the options that imply a variant, for --help
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,9 @@ class Subject:
             g.add_argument("--json", default=None, help="also write the full result here")
             g.add_argument("--note", default="", help="a remark added to the record's notes")
             g.add_argument("--variant", default=None,
-                           help="record as a named setting of its own (bench/results/SUBJECT.BENCHMARK.VARIANT.json)")
-            g.add_argument("--results", default=str(records.RESULTS), help="folder of the record (default: %(default)s)")
+                           help="record as a named setting of its own (bench/results/SUBJECT.BENCHMARK.VARIANT.json)"
+                                + (f"; implied here by {b.implies}" if b.implies else ""))
+            g.add_argument("--results", default=str(records.RESULTS), help="folder of the record (default: bench/results)")
             g.add_argument("--no-record", action="store_true", help="write no record")
         for c in self.children.values():
             p = sub.add_parser(c.name)  # no help: not listed
@@ -80,12 +86,13 @@ class Subject:
             self.children[args.benchmark].run(*args.child_args)
             return 0
         command = records.command_line([sys.argv[0]] + (list(argv) if argv is not None else sys.argv[1:]))
-        load0, date = load_average(), records.utc_now()
+        load0, date, commit = load_average(), records.utc_now(), records.git_commit()  # what runs: the code now
         bench = self.benchmarks[args.benchmark]
+        variant = args.variant or bench.variant(args)
         result = bench.run(args)
         load = f"load average {load0:g} at the start, {load_average():g} at the end"
-        rec = records.make_record(self.name, bench.name, result, command=command, variant=args.variant,
-                                  note=args.note, date=date, load=load)
+        rec = records.make_record(self.name, bench.name, result, command=command, variant=variant,
+                                  note=args.note, date=date, commit=commit, load=load)
         print("\n" + records.render_section(rec), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

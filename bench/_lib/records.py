@@ -124,6 +124,11 @@ def make_record(subject: str, benchmark: str, result: Result, *, command: str, v
             "notes": notes, "source": source, "rerun": None, "details": result.details}
 
 
+def slug(text: str) -> str:
+    """A variant name from free text: lower-case letters, digits and '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "x"
+
+
 def record_name(subject: str, benchmark: str, variant: str | None = None) -> str:
     return f"{subject}.{benchmark}" + (f".{variant}" if variant else "") + ".json"
 
