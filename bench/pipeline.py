@@ -270,11 +270,12 @@ sitecustomize on the children's PYTHONPATH, inherited by their Ray workers), to 
     redone = recomputed - unfinished
     shard = cfg.ray.shard_size
     manifest_rows = out.manifest().num_rows
-    row = {"stage": args.stage, "images": n, "shard_size": shard, "workers": cfg.ray.num_workers,
+    actors = summary.get("actors")  # the resumed run's actor pool (ray.actors, else one per CPU of the local Ray)
+    row = {"stage": args.stage, "images": n, "shard_size": shard, "actors": actors,
            "killed_after_s": killed_at, "processes_killed": n_killed, "finished_at_kill": finished_at_kill,
            "recomputed_images": recomputed, "redone_images": redone, "resume_s": resume_s,
            "stage_s_in_resume": float(summary.get("seconds", 0.0)), "manifest_rows": manifest_rows}
-    notes = (f"{describe(cfg)}, {cfg.ray.num_workers} Ray workers. Killed (SIGKILL, the stage process and its "
+    notes = (f"{describe(cfg)}, {actors} actors in the resumed run. Killed (SIGKILL, the stage process and its "
              f"local Ray: {n_killed} processes) when {in_store_at_kill}/{n} images were in the store; "
              f"{finished_at_kill} passed checksum verification. The resumed run computed {recomputed} images "
              f"(the {unfinished} unfinished ones would be the minimum): redone = {redone}."
