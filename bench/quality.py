@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._lib.cli import Benchmark, Subject  # noqa: E402
 from bench._lib.common import BENCH_RUNS, ROOT  # noqa: E402
+from bench._lib.demo import config_file  # noqa: E402
 from bench._lib.records import Result, goal, slug  # noqa: E402
 
 
@@ -154,7 +155,7 @@ idle cores is the RCA half's, about 10 minutes for the default 3 seeds; longer w
     for seed in seeds:
         for v in variants:
             over = deep_update(base_over, {"seed": seed, "store": store, "cam": VARIANTS[v]})
-            cfg_dict = load_config(args.config, over).model_dump(mode="json")
+            cfg_dict = load_config(config_file(args.config), over).model_dump(mode="json")
             run = {"variant": v, "seed": seed}
             for name in STAGES:
                 summary, seconds, rss, cpu = run_forked(stage_part, name, cfg_dict, store, args.threads, args.subset)
@@ -364,7 +365,7 @@ the random walk beats the CRF (mIoU, all pixels)."""
     from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
-    cfg = load_config(args.config, parse_overrides(args.set) if args.set else None)
+    cfg = load_config(config_file(args.config), parse_overrides(args.set) if args.set else None)
     torch.set_num_threads(args.threads or cfg.compute.threads or 1)
     store = ArtifactStore(cfg.store)
     if args.noisy_cams or args.cam_key:
@@ -442,7 +443,7 @@ and only the supervised model is trained; from an empty store it first runs the 
 --epochs 2 gives a quick, under-trained comparison. Prediction throughput: predict_folder over val images (read
 JPEG, predict in batches, write palette PNG + overlay), with one corrupt file among them that must be reported
 (the goal). The WSSS / supervised ratio has no goal."""
-    config_path = Path(args.config).resolve()
+    config_path = Path(config_file(args.config)).resolve()
     os.chdir(ROOT)  # relative paths of the config (data root, store) are relative to the repo root
     import torch
 
@@ -627,7 +628,7 @@ warm-up scaled to 1 epoch, as in cam-ablation), 1 torch thread per process; abou
     for seed in seeds:
         for world in worlds:
             store = str(work / f"store_s{seed}_w{world}")
-            cfg = load_config(args.config, deep_update(over, {"seed": seed, "store": store}))
+            cfg = load_config(config_file(args.config), deep_update(over, {"seed": seed, "store": store}))
             cfg_dict = cfg.model_dump(mode="json")
             make_dataset(cfg.data, cfg.data.train_split, progress=False)  # the driver generates the demo set
             ArtifactStore(store)  # the driver creates the store; the ranks open it

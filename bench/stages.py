@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._lib.cli import Benchmark, Child, Subject  # noqa: E402
 from bench._lib.common import BENCH_RUNS, ROOT  # noqa: E402
-from bench._lib.demo import (PER_IMAGE_STAGES, add_config_args, bench_config, describe, fresh_copy,  # noqa: E402
-                             prepare_upstream, shared_bench_config)
+from bench._lib.demo import (PER_IMAGE_STAGES, add_config_args, bench_config, config_file, describe,  # noqa: E402
+                             fresh_copy, prepare_upstream, shared_bench_config)
 from bench._lib.records import Result, goal  # noqa: E402
 
 
@@ -505,7 +505,7 @@ CPU_BOUND_REST = {"crf_labels", "random_walk", "seg_eval", "cam_eval"}
 
 
 def voc_cost_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", default=str(ROOT / "configs" / "voc12.yaml"))
+    ap.add_argument("--config", default="configs/voc12.yaml")
     ap.add_argument("--images", type=int, default=8, help="train_aug images (half VOC train, half SBD-only)")
     ap.add_argument("--val-images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = the cost per core)")
@@ -626,7 +626,7 @@ def measure_voc(args) -> dict:
             "segmenter": {"pretrained": str(work / "weights" / "resnet101-imagenet.pth"), "batch_size": b,
                           "epochs": args.train_steps * b / n},
             "compute": {"device": "cpu", "threads": args.threads}}
-    cfg = load_config(args.config, over)
+    cfg = load_config(config_file(args.config), over)
     store = ArtifactStore(cfg.store)
     plans = plan(cfg)
     rows = []
@@ -795,7 +795,7 @@ dependency order into a fresh store per scale. Train and val images are both sca
     from rca_core.stages.planning import upstream_closure
     from rca_core.stages.registry import STAGE_NAMES
 
-    base_n = args.images or load_config(args.config).data.demo.n_train
+    base_n = args.images or load_config(config_file(args.config)).data.demo.n_train
     wanted = args.stages or STAGE_NAMES
     probe = bench_config(args.config, base_n, args.train_epochs)
     order = [s for s in STAGE_NAMES if any(s in upstream_closure(w, probe) for w in wanted)]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._lib.cli import Benchmark, Subject  # noqa: E402
 from bench._lib.common import Timer  # noqa: E402
-from bench._lib.demo import DEMO_CONFIG, make_cams  # noqa: E402
+from bench._lib.demo import DEMO_CONFIG, config_file, make_cams  # noqa: E402
 from bench._lib.records import Result, goal, slug  # noqa: E402
 
 
@@ -216,7 +216,7 @@ S3-store runs with the data tree in the bucket. Each timed run starts from an em
             ov = {"store": str(work / "local-store"), "data": {"root": str(work / "data"),
                                                              "demo": {"n_train": args.images, "n_val": 8}},
                   "cam": {"train": {"epochs": 1}}}
-            local = load_config(args.config, ov)
+            local = load_config(config_file(args.config), ov)
             remote = local.model_copy(update={"store": "s3://bench/store"}, deep=True)
             t = time.perf_counter()
             run_stage("memory_build", local, show_progress=False)  # + cam_train

@@ -21,7 +21,12 @@ from pathlib import Path
 from .common import BENCH_RUNS, ROOT
 
 PER_IMAGE_STAGES = ["cam_infer", "crf_labels", "random_walk"]
-DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def config_file(path: str) -> str:
+    """A config path as given (relative to the working directory), else relative to the repository root."""
+    return path if Path(path).exists() or Path(path).is_absolute() else str(ROOT / path)
 
 
 def add_config_args(ap: argparse.ArgumentParser, train_epochs: float | None = 1.0) -> None:
@@ -44,6 +49,7 @@ def bench_config(config: str, images: int | None = None, train_epochs: float | N
         over["cam"] = {"train": {"epochs": train_epochs}}
         over["refine"] = {"affinity": {"epochs": train_epochs}}
         over["segmenter"] = {"epochs": train_epochs}
+    config = config_file(config)
     cfg = resolve_paths(load_config(config, over), ROOT)
     if scale_val and images:
         cfg.data.demo.n_val = max(2, round(cfg.data.demo.n_val * images / load_config(config).data.demo.n_train))
