@@ -72,7 +72,8 @@ class Subject:
             g.add_argument("--variant", default=None,
                            help="record as a named setting of its own (bench/results/SUBJECT.BENCHMARK.VARIANT.json)"
                                 + (f"; implied here by {b.implies}" if b.implies else ""))
-            g.add_argument("--results", default=str(records.RESULTS), help="folder of the record (default: bench/results)")
+            g.add_argument("--results", default=str(records.RESULTS),
+                           help="folder of the record (default: bench/results)")
             g.add_argument("--no-record", action="store_true", help="write no record")
         for c in self.children.values():
             p = sub.add_parser(c.name)  # no help: not listed
