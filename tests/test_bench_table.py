@@ -37,7 +37,8 @@ def write_three(folder):
     none = records.Result("A table without a goal", [{"path": "p", "ms": 0.5}], headline={"ms": 0.5})
     common = dict(date="2026-12-06 04:53 UTC", commit="abc1234", load="load average 3 at the start, 4 at the end")
     paths = [records.write_record(records.make_record("stages", "scaling", met, command="python bench/stages.py "
-                                                      "scaling --images 400", **common), folder),
+                                                      "scaling --images 400 --note 'a quiet machine' --json o.json",
+                                                      **common), folder),
              records.write_record(records.make_record("store", "vs-npy", unmet, command="python bench/store.py vs-npy",
                                                       note="machine shared with two test runs", **common), folder),
              records.write_record(records.make_record("store", "s3-client-cpu", none, command="python bench/store.py "
@@ -58,7 +59,8 @@ def test_table_from_records_met_unmet_and_no_goal(tmp_path):
     assert len(rows) == 3
     assert rows[0].startswith("| [stages scaling](#stages-scaling) | speed-up >= 1.8x | met | speed-up 1.912 | "
                               "2026-12-06 |")
-    assert rows[0].endswith("| `python bench/stages.py scaling --images 400` |")
+    assert rows[0].endswith("| `python bench/stages.py scaling --images 400` |")  # the table: no --note, --json
+    assert "`python bench/stages.py scaling --images 400 --note 'a quiet machine' --json o.json`" in text  # section
     assert "| [store vs-npy](#store-vs-npy) | time <= 1.5x | **NOT met** | time ratio 2.843 |" in rows[1]
     assert "| [store s3-client-cpu (small)](#store-s3-client-cpu-small) | - | no goal | ms 0.5 |" in rows[2]
     # one section per record, in entry-point order, with its table, goals, extra tables and notes

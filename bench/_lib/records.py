@@ -255,8 +255,23 @@ def anchor(rec: dict) -> str:
 
 
 def rerun_command(rec: dict) -> str:
-    """The command that measures this again today (the record's own, or for a transcribed one its `rerun`)."""
-    return rec.get("rerun") or rec["command"]
+    """The command that measures this again today (the record's own, or for a transcribed one its `rerun`), without
+    the options that only say where the output goes or add a remark (--note, --json, --results): the table shows
+    this; the section shows the command exactly as it ran."""
+    cmd = rec.get("rerun") or rec["command"]
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return cmd
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in ("--note", "--json", "--results"):
+            skip = True
+        elif not w.startswith(("--note=", "--json=", "--results=")):
+            out.append(w)
+    return shlex.join(out) if out != words else cmd
 
 
 def render_section(rec: dict, level: int = 2) -> str:
