@@ -4,7 +4,7 @@ The artifact store keeps every image's field as a Zarr v3 array of one chunk: a 
 `c.0.0.0` beside it (default chunk key encoding with the "." separator: no chunk folders to create per image;
 stores written before use "/", `c/0/0/0`, and read the same). For a VOC-sized CAM zarr-python spends ~1.3 ms
 creating such an array in memory and ~1.5 ms opening and decoding it (metadata validation, its async codec pipeline), more than the
-Blosc codec itself (bench/store_vs_npy.py, docs/benchmarks.md). Here the metadata is zarr-python's own, written
+Blosc codec itself (`python bench/store.py vs-npy`, docs/benchmarks.md). Here the metadata is zarr-python's own, written
 once per (dtype, number of dimensions) as a template in which only shape, chunk shape and attributes change,
 and the chunk goes through numcodecs' Blosc with the configuration zarr-python wrote into that template (the
 codec zarr's BloscCodec calls). The files are byte-for-byte the ones zarr-python writes

@@ -1,12 +1,13 @@
 """CPU seconds spent by each kind of process while a benchmark runs (Linux /proc, no extra package).
 
-A background thread samples /proc/<pid>/stat (utime + stime) of every process twice a second and keeps the
-growth of each one since the sampler started; processes are put into groups by their command line: the
-benchmark's own child (the driver), Ray worker processes (`ray::...` titles), Ray's system processes (raylet,
-GCS, dashboard, monitors, agents), the Prefect server (the process tree of a given pid), a SeaweedFS S3
-server (`weed`) and everything else.
-The machine-wide figures come from /proc/stat (busy, idle and steal seconds), so what the sampler missed (a
-process that lived less than one interval) shows as the difference between the busy total and the groups' sum.
+A background thread (`CpuSampler`) samples /proc/<pid>/stat (utime + stime) of every process twice a second and
+keeps the growth of each one since the sampler started; processes are put into groups by their command line:
+the benchmark's own child (the driver), Ray worker processes (`ray::...` titles), Ray's system processes
+(raylet, GCS, dashboard, monitors, agents), the Prefect server (the process tree of a given pid), a SeaweedFS
+S3 server (`weed`) and everything else. The machine-wide figures come from /proc/stat (busy, idle and steal
+seconds), so what the sampler missed (a process that lived less than one interval) shows as the difference
+between the busy total and the groups' sum. `cpu_self` and `cpu_of` are the plain counters: this process (all
+threads), or given pids.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client_server",
               "agent.py", "ray/_private", "ray/autoscaler")
+
+DRIVER = "driver (the run's own process)"
+RAY_WORKERS = "ray workers (ray::...)"
+RAY_SYSTEM_GROUP = "ray system (raylet, gcs, dashboard, agents)"
+S3_SERVER = "s3 server (SeaweedFS)"
 
 
 def _stat(pid: str) -> tuple[float, int] | None:
@@ -90,15 +96,15 @@ class CpuSampler:
 
     def _group(self, pid: str, cmd: str) -> str:
         if self.driver_pid is not None and pid == str(self.driver_pid):
-            return "driver (the run's own process)"
+            return DRIVER
         if cmd.startswith("ray::") or "workers/default_worker.py" in cmd:  # the title is set after start
-            return "ray workers (ray::...)"
+            return RAY_WORKERS
         if self._descends_from_prefect_server(pid):
             return "prefect server"
         if Path(cmd.split(" ", 1)[0]).name == "weed":
-            return "s3 server (SeaweedFS)"
+            return S3_SERVER
         if any(k in cmd for k in RAY_SYSTEM):
-            return "ray system (raylet, gcs, dashboard, agents)"
+            return RAY_SYSTEM_GROUP
         if pid == str(os.getpid()):
             return "the benchmark's parent"
         return "other processes"
@@ -130,3 +136,30 @@ class CpuSampler:
                 "machine_steal_cpu_s": m["steal"], "by_group_cpu_s": dict(sorted(groups.items())),
                 "unattributed_cpu_s": m["busy"] - attributed,
                 "top_other": [{"cpu_s": round(c, 2), "cmd": cmd} for c, cmd in sorted(top, reverse=True)[:5]]}
+
+
+
+
+def cpu_self() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds so far of the given live processes (those gone count 0)."""
+    total = 0.0
+    for pid in pids:
+        st = _stat(str(pid))
+        if st is not None:
+            total += st[0]
+    return total
+
+
+def cpu_line(name: str, cpu: dict) -> str:
+    """One sentence: the CPU seconds each kind of process spent during a run (a CpuSampler result)."""
+    groups = ", ".join(f"{k} {v:.1f}" for k, v in cpu["by_group_cpu_s"].items())
+    return (f"CPU seconds during the {name} ({cpu['wall_s']:.0f} s wall, machine busy {cpu['machine_busy_cpu_s']:.1f}, "
+            f"steal {cpu['machine_steal_cpu_s']:.1f}): {groups}, not attributed {cpu['unattributed_cpu_s']:.1f}.")

@@ -1,0 +1,303 @@
+"""Pipeline: what the orchestration costs, and what a crash costs.
+
+    python bench/pipeline.py BENCHMARK [options]      (python bench/pipeline.py BENCHMARK --help)
+
+overhead  the Prefect pipeline flow over Ray vs the same stages in a plain loop (goal: under 5 % of the wall time)
+resume    work redone after a kill -9 in the middle of a per-image stage (goal: at most one shard)
+
+Each run writes its record to bench/results/pipeline.BENCHMARK.json (docs/benchmarks.md: python scripts/bench_table.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._lib.cli import Benchmark, Child, Subject  # noqa: E402
+from bench._lib.common import BENCH_RUNS, ROOT  # noqa: E402
+from bench._lib.demo import (PER_IMAGE_STAGES, add_config_args, bench_config, describe, drop_stage,  # noqa: E402
+                             fresh_copy, prepare_upstream, shared_bench_config)
+from bench._lib.records import Result, goal  # noqa: E402
+
+
+# ============================================================================================ overhead
+OVERHEAD_GOAL = 0.05
+
+
+def overhead_child(mode: str, cfg_path: str) -> None:
+    """Child: the whole run in this process, as a plain loop of stages or as the Prefect pipeline flow."""
+    import torch
+
+    from bench._lib.procs import emit
+
+    torch.set_num_threads(1)
+    from rca_core.config import RunConfig
+
+    cfg = RunConfig.model_validate(json.loads(Path(cfg_path).read_text()))
+    stages: dict[str, float] = {}
+    if mode == "plain":
+        from rca_core.report import write_report
+        from rca_core.stages.local import run_stage
+        from rca_core.stages.registry import STAGE_NAMES
+
+        t0 = time.perf_counter()
+        for name in STAGE_NAMES:
+            t = time.perf_counter()
+            run_stage(name, cfg, cfg.store, with_upstream=False, show_progress=False)
+            stages[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        write_report(cfg.store, Path(cfg.store).parent / "report", cfg)
+        stages["report"] = time.perf_counter() - t
+        total = time.perf_counter() - t0
+    else:
+        from flows.pipeline import pipeline
+
+        t0 = time.perf_counter()
+        res = pipeline(config=cfg)
+        total = time.perf_counter() - t0
+        stages = {r["stage"]: float(r["seconds"]) for r in res["table"]}
+        if any(r.get("status") == "cached" for r in res["table"]):
+            raise SystemExit("a stage was cached: the pipeline store was not fresh")
+    emit({"seconds": total, "stages": stages})
+
+
+def overhead_args(ap: argparse.ArgumentParser) -> None:
+    add_config_args(ap, train_epochs=None)
+    ap.add_argument("--workers", type=int, default=1, help="Ray workers of the pipeline (default 1: same parallelism "
+                                                           "as the plain loop)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of (plain loop, pipeline), alternated; the overhead "
+                                                           "is the median of the rounds' (default 1)")
+
+
+def overhead(args) -> Result:
+    """Orchestration overhead: the Prefect pipeline flow over Ray vs the rca_core stages in a plain loop.
+
+Goal: under 5 % of the demo's wall time. The same work twice, each in a fresh subprocess with its own fresh store
+(the demo data set is generated once beforehand, outside both timings):
+- plain loop: rca_core.stages.local.run_stage(name, with_upstream=False) for every stage in order, then the run
+  report (rca_core.report.write_report), in one process;
+- pipeline: flows.pipeline.pipeline(config=cfg) against a local Prefect server (127.0.0.1): a local Ray session,
+  one stage flow + cached task per stage, per-image stages in shards on the run's actor pool, training stages
+  as Ray tasks or under Ray Train, progress and table artifacts, the run report.
+--images N scales the val split with the train split. Both use the same parallelism by default (--workers 1:
+one Ray worker, and one torch thread per process on both sides), so the difference is what Prefect and Ray add
+(Ray start/stop, worker processes and model loads, Prefect API calls, result persistence), not extra cores. Times
+start after the imports in each subprocess. The Prefect server's start-up is reported on its own (a server
+normally runs already). The CPU seconds of every kind of process are recorded during each side.
+overhead = (pipeline seconds - plain loop seconds) / pipeline seconds, median over --repeats alternated rounds."""
+    from bench._lib.cpu import cpu_line
+    from bench._lib.procs import run_child
+    from flows.prefect_server import local_prefect_server
+    from rca_core.data import make_dataset
+
+    probe = bench_config(args.config, args.images, args.train_epochs, workers=args.workers, scale_val=True)
+    work = BENCH_RUNS / "overhead" / f"{probe.name}-{probe.data.demo.n_train}-w{args.workers}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for r in range(args.repeats):  # a fresh store per run
+        for mode in ("plain", "pipeline"):
+            c = probe.model_copy(deep=True)
+            c.store = str(work / f"{mode}-{r}" / "store")
+            (work / f"{mode}-{r}").mkdir()
+            (work / f"{mode}-{r}.json").write_text(c.model_dump_json())
+    for split in sorted({probe.data.train_split, probe.data.eval_split, probe.data.val_split}):
+        make_dataset(probe.data, split)  # generate the demo set once, outside both timings
+
+    def side(mode: str, r: int, env: dict | None = None) -> dict:
+        return run_child([sys.executable, __file__, "_overhead-child", mode, str(work / f"{mode}-{r}.json")],
+                         work / f"{mode}-{r}.log", env=env, cpu=True)
+
+    pairs, server_s = [], []
+    for r in range(args.repeats):  # alternated: plain, pipeline, plain, pipeline, ... (the host's drift shows)
+        plain = side("plain", r)
+        print(f"[bench] round {r + 1}: plain loop {plain['seconds']:.1f} s", flush=True)
+        t = time.perf_counter()
+        with local_prefect_server(work / "prefect_home") as api:  # up during the pipeline run only
+            server_s.append(time.perf_counter() - t)
+            pipe = side("pipeline", r, {"PREFECT_API_URL": api})
+        print(f"[bench] round {r + 1}: pipeline {pipe['seconds']:.1f} s", flush=True)
+        pairs.append((plain, pipe))
+    overheads = [(b["seconds"] - a["seconds"]) / b["seconds"] for a, b in pairs]
+    frac = float(statistics.median(overheads))
+
+    def med(which: int, get) -> float:
+        return float(statistics.median(get(p[which]) for p in pairs))
+
+    rows = []
+    for name in [n for n in pairs[0][0]["stages"] if n != "report"]:
+        a, b = med(0, lambda x: x["stages"][name]), med(1, lambda x: x["stages"][name])
+        rows.append({"stage": name, "plain_loop_s": a, "pipeline_s": b, "extra_s": b - a})
+    a = med(0, lambda x: x["seconds"] - sum(v for k, v in x["stages"].items() if k != "report"))
+    b = med(1, lambda x: x["seconds"] - sum(x["stages"].values()))
+    rows.append({"stage": "rest (report; pipeline: + data check, Ray start/stop, artifacts)", "plain_loop_s": a,
+                 "pipeline_s": b, "extra_s": b - a})
+    a, b = med(0, lambda x: x["seconds"]), med(1, lambda x: x["seconds"])
+    rows.append({"stage": "whole run", "plain_loop_s": a, "pipeline_s": b, "extra_s": b - a})
+    rounds = "; ".join(f"round {r + 1}: plain {x['seconds']:.1f} s, pipeline {y['seconds']:.1f} s, {o:.1%}"
+                       for r, ((x, y), o) in enumerate(zip(pairs, overheads)))
+    cpu = " ".join(f"Round {r + 1}: {cpu_line('plain loop', x['cpu'])} {cpu_line('pipeline', y['cpu'])}"
+                   for r, (x, y) in enumerate(pairs))
+    notes = (f"{describe(probe)}, {args.workers} Ray worker(s) in the pipeline, training epochs "
+             f"{args.train_epochs or 'as configured'}. Overhead = (pipeline - plain) / pipeline, median of "
+             f"{args.repeats} alternated round(s) = {frac:.1%} ({rounds}). Stage rows: medians over the rounds; "
+             f"pipeline stage rows are the stage flows' wall times as the flow reports them. Prefect server start-up "
+             f"{max(server_s):.1f} s at most, not included. {cpu}")
+    return Result(f"Orchestration overhead: Prefect + Ray vs a plain loop ({probe.data.demo.n_train} images, "
+                  f"{args.repeats} round(s))", rows,
+                  goals=[goal(f"orchestration overhead < {OVERHEAD_GOAL:.0%} of the pipeline's wall time (median of "
+                              f"{args.repeats} alternated rounds)", round(frac, 4), frac < OVERHEAD_GOAL)],
+                  headline={"overhead": f"{frac:.1%}", "images": probe.data.demo.n_train, "rounds": args.repeats},
+                  notes=notes,
+                  details={"pipeline_seconds": [p[1]["seconds"] for p in pairs],
+                           "plain_loop_seconds": [p[0]["seconds"] for p in pairs], "overhead_fraction": frac,
+                           "overhead_fraction_per_round": overheads, "repeats": args.repeats,
+                           "prefect_server_start_seconds": server_s, "workers": args.workers, "config": args.config,
+                           "cpu_plain": [p[0]["cpu"] for p in pairs], "cpu_pipeline": [p[1]["cpu"] for p in pairs],
+                           "images": probe.data.demo.n_train})
+
+
+# ============================================================================================ resume
+def resume_child(cfg_path: str, stage: str) -> None:
+    """Child: one per-image stage over a local Ray (as the pipeline's stage task runs it); prints its summary."""
+    from bench._lib.procs import emit
+    from rca_core.config import RunConfig
+    from tasks.per_image import run_per_image_stage
+    from tasks.ray_runtime import ray_session
+
+    cfg = RunConfig.model_validate(json.loads(Path(cfg_path).read_text()))
+    with ray_session(cfg.ray):
+        summary = run_per_image_stage(stage, cfg, cfg.store)
+    emit({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+
+def resume_args(ap: argparse.ArgumentParser) -> None:
+    add_config_args(ap)
+    ap.add_argument("--stage", default="cam_infer", choices=PER_IMAGE_STAGES)
+    ap.add_argument("--kill-at", type=float, default=0.5, help="kill when this fraction of the images is in the store")
+    ap.add_argument("--delay", type=float, default=0.0,
+                    help="extra seconds per image in the workers (the test harness's slowdown, injected from "
+                         "outside the library), for small settings")
+    ap.add_argument("--timeout", type=float, default=1800)
+
+
+def resume(args) -> Result:
+    """Resume cost: work redone after a kill -9 in the middle of a per-image stage.
+
+Goal: at most one shard. A child process runs one per-image stage over a local Ray (tasks.per_image.
+run_per_image_stage, as the pipeline's stage task does) on finished upstream stages. When about --kill-at of the
+images are in the store, the child and every process it started (its local Ray: raylet, GCS, workers) get
+SIGKILL. The images finished at that moment are counted (with checksum verification). The same stage is then run
+again to completion in a new child, and its summary's "recomputed_images" says how many images the resumed run
+computed. redone = recomputed_images - (images - finished_at_kill): finished images that were computed again.
+Image-level resume makes this 0; shard-level resume would redo up to the shards in flight, stage-level resume
+everything. (Partial work on the images in flight at the kill, at most one per worker, is lost in any scheme and
+is not counted.) --delay slows every image down from outside the library (the test harness's slowdown: a
+sitecustomize on the children's PYTHONPATH, inherited by their Ray workers), to catch a small stage mid-way."""
+    import torch
+
+    from bench._lib.harness import slowdown_env
+    from bench._lib.procs import alive, kill_tree, tree
+
+    torch.set_num_threads(1)
+    from rca_core.stages.context import make_context
+    from rca_core.stages.planning import plan
+    from rca_core.store import ArtifactStore
+
+    cfg, base = shared_bench_config(args)
+    prepare_upstream(cfg, list(plan(cfg)[args.stage].inputs))
+    work = base / f"resume-{args.stage}"
+    cfg.store = fresh_copy(cfg.store, work)
+    drop_stage(cfg, args.stage)
+    cfg_path = work.with_suffix(".json")
+    cfg_path.write_text(cfg.model_dump_json())
+    ctx = make_context(args.stage, cfg, ArtifactStore(cfg.store))
+    out, ids = ctx.out, ctx.ids
+    n = len(ids)
+    log1, log2 = work.with_suffix(".run1.log"), work.with_suffix(".run2.log")
+    env = {**os.environ, **(slowdown_env(work.with_suffix(".slowdown"), image_delay=args.delay) if args.delay else {})}
+
+    def start(log: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "_resume-child", str(cfg_path), args.stage], cwd=ROOT,
+                                env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    # 1) run and kill -9 in the middle
+    t0 = time.perf_counter()
+    p = start(log1)
+    killed_at, n_killed = None, 0
+    try:
+        while time.perf_counter() - t0 < args.timeout:
+            if p.poll() is not None:
+                break
+            done = len(out.listed_ids()) if out.exists() and out.fields else 0
+            if done >= args.kill_at * n:
+                n_killed = kill_tree(p.pid)
+                killed_at = time.perf_counter() - t0
+                break
+            time.sleep(0.2)
+    finally:
+        if p.poll() is None and killed_at is None:
+            kill_tree(p.pid)
+        p.wait(timeout=60)
+    if killed_at is None:
+        raise SystemExit(f"the stage ended (rc {p.returncode}) before {args.kill_at:.0%} of its images were in the "
+                         f"store: use a larger --images or --delay. Log: {log1}\n" + log1.read_text()[-2000:])
+    time.sleep(1.0)
+    left = [pid for pid in tree(p.pid) if pid != p.pid and alive(pid)]
+    finished_at_kill = n - len(out.pending(ids, verify=True))
+    in_store_at_kill = len(out.listed_ids())
+    manifest_at_kill = out.manifest().num_rows if out.exists() else 0
+    complete_after_kill = out.is_complete()
+
+    # 2) resume to completion
+    t1 = time.perf_counter()
+    p2 = start(log2)
+    rc = p2.wait(timeout=args.timeout)
+    resume_s = time.perf_counter() - t1
+    if rc != 0 or not out.is_complete():
+        raise SystemExit(f"the resumed run failed (rc {rc}); log {log2}:\n" + log2.read_text()[-3000:])
+    summary = out.summary()
+    recomputed = int(summary["recomputed_images"])
+    unfinished = n - finished_at_kill
+    redone = recomputed - unfinished
+    shard = cfg.ray.shard_size
+    manifest_rows = out.manifest().num_rows
+    actors = summary.get("actors")  # the resumed run's actor pool (ray.actors, else one per CPU of the local Ray)
+    row = {"stage": args.stage, "images": n, "shard_size": shard, "actors": actors,
+           "killed_after_s": killed_at, "processes_killed": n_killed, "finished_at_kill": finished_at_kill,
+           "recomputed_images": recomputed, "redone_images": redone, "resume_s": resume_s,
+           "stage_s_in_resume": float(summary.get("seconds", 0.0)), "manifest_rows": manifest_rows}
+    notes = (f"{describe(cfg)}, {actors} actors in the resumed run. Killed (SIGKILL, the stage process and its "
+             f"local Ray: {n_killed} processes) when {in_store_at_kill}/{n} images were in the store; "
+             f"{finished_at_kill} passed checksum verification. The resumed run computed {recomputed} images "
+             f"(the {unfinished} unfinished ones would be the minimum): redone = {redone}."
+             + (f" Per-image delay {args.delay} s injected (the test harness's slowdown) to catch the stage mid-way."
+                if args.delay else "")
+             + (f" The manifest holds {manifest_rows} rows for {n} images." if manifest_rows != n else ""))
+    shutil.rmtree(work, ignore_errors=True)
+    return Result(f"Resume cost after kill -9 in the middle of {args.stage}", [row],
+                  goals=[goal(f"work redone after kill -9 mid-stage <= one shard ({shard} images)", redone,
+                              redone <= shard)],
+                  headline={"images redone": redone, "shard": shard}, notes=notes,
+                  details={"config": args.config, **row, "in_store_at_kill": in_store_at_kill,
+                           "manifest_rows_at_kill": manifest_at_kill, "complete_after_kill": complete_after_kill,
+                           "processes_left_after_kill": len(left), "delay_per_image_s": args.delay})
+
+
+SUBJECT = Subject("pipeline", __doc__, [
+    Benchmark("overhead", "Prefect + Ray pipeline vs a plain loop of the stages (goal < 5 % of the wall time)",
+              overhead_args, overhead, lambda a: f"{a.images}-images" if a.images else None,
+              "--images N (N-images)"),
+    Benchmark("resume", "work redone after kill -9 mid-stage (goal: at most one shard)", resume_args, resume),
+], children=[Child("_overhead-child", 2, overhead_child), Child("_resume-child", 2, resume_child)])
+
+if __name__ == "__main__":
+    sys.exit(SUBJECT.main())
