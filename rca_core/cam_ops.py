@@ -1,6 +1,6 @@
 """CAM operations: image normalisation, multi-scale + flip CAM inference, CAM -> label map.
 
-`multiscale_cam` follows IRN / method.md section 5: for each scale the image (and its horizontal
+`multiscale_cam` follows IRN (docs/method.md, CAM inference and evaluation): for each scale the image (and its horizontal
 flip) goes through the network, the ReLU CAMs of the image's ground-truth classes are upsampled
 (bilinear) to the output size, the flipped one is flipped back, and everything is summed; each
 class is then divided by its maximum (so values lie in [0, 1]), at image resolution (the random walk

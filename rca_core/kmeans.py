@@ -1,4 +1,4 @@
-"""Per-class k-means (method.md section 4): compress region embeddings to K prototypes per class.
+"""Per-class k-means (docs/method.md, Semantic aggregation): compress region embeddings to K prototypes per class.
 
 `kmeans(x, k, iters, seed)` is a small deterministic Lloyd's k-means (k-means++ seeding from a
 seeded generator) in torch, so the same embeddings always give the same prototypes, on CPU or GPU.

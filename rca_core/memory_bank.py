@@ -1,4 +1,4 @@
-"""The regional memory bank used during CAM training (method.md section 2, "online memory").
+"""The regional memory bank used during CAM training (docs/method.md, Memory bank: "online memory").
 
 Per foreground class a FIFO queue of `size` projected, L2-normalised region embeddings of
 dimension `dim`. Writes are gradient-free and happen only for an image's ground-truth classes whose

@@ -1,6 +1,6 @@
 """Segmentation metrics from a streaming confusion matrix.
 
-Two protocols for pseudo-masks (method.md section 7):
+Two protocols for pseudo-masks (docs/method.md, Evaluation):
 - "all": every pixel with a valid ground truth counts; a predicted 255 (uncertain) counts as background.
 - "confident": pixels predicted 255 are dropped; `kept_fraction` says how many valid pixels remained.
 Ground-truth 255 pixels are always ignored. Memory is O(num_classes^2), whatever the data set size.

@@ -1,6 +1,6 @@
 """CAM stage configuration: network, RCA parts, training, memory-bank construction, CAM inference, CAM evaluation.
 
-Defaults follow ../shared/docs/method.md sections 1-4 (VOC values); configs/demo.yaml scales them down.
+Defaults follow the paper's VOC recipe (docs/method.md: CAM network, Memory bank, Semantic contrast, Semantic aggregation); configs/demo.yaml scales them down.
 """
 from __future__ import annotations
 

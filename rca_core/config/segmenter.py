@@ -1,6 +1,6 @@
 """Segmenter configuration: DeepLab on pseudo-masks (or ground truth for the upper bound).
 
-Defaults follow ../shared/docs/method.md section 6 (VOC recipe); configs/demo.yaml scales them down.
+Defaults follow the VOC recipe (docs/method.md, Segmenter); configs/demo.yaml scales them down.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .refine import CrfConfig
 
 
 def segmenter_crf_defaults() -> CrfConfig:
-    """DeepLab's CRF post-processing (method.md section 6): 10 iterations, Gaussian w 3 xy 1,
+    """DeepLab's CRF post-processing (docs/method.md, Segmenter): 10 iterations, Gaussian w 3 xy 1,
     bilateral w 4 xy 67 rgb 3. (fg_alpha/bg_alpha of CrfConfig are unused here.)"""
     return CrfConfig(iterations=10, gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3,
                      bilateral_compat=4)

@@ -1,4 +1,4 @@
-"""Semantic contrast (method.md section 3): InfoNCE of region embeddings against the memory bank.
+"""Semantic contrast (docs/method.md, Semantic contrast): InfoNCE of region embeddings against the memory bank.
 
 For an anchor u (L2-normalised) of class c and memory entries m (L2-normalised, filled slots only):
     loss(u) = mean over positives p (entries of class c) of

@@ -1,4 +1,4 @@
-"""Semantic aggregation (method.md section 4): pixel features attend over the memory's prototypes.
+"""Semantic aggregation (docs/method.md, Semantic aggregation): pixel features attend over the memory's prototypes.
 
     q = W_q x (1x1 conv),  k = W_k C,  v = W_v C     (C: prototypes, P x D, from per-class k-means)
     a = softmax(q k^T / sqrt(D)) v                   (softmax=True, the paper)

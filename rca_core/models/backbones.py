@@ -7,7 +7,7 @@
 
 ResNet output stride 16 follows IRN: the last stage has stride 1 (torchvision's
 `replace_stride_with_dilation`, so the last stage is dilated by 2 to keep its receptive field).
-The small backbone (NOTES.md): stem conv, one basic block per stage, widths w, 2w, 4w, 8w
+The small backbone (for the demo, trained from scratch): stem conv, one basic block per stage, widths w, 2w, 4w, 8w
 (w = 32 -> about 1.2 M parameters), output stride 8 by default.
 
 Pretrained weights come only from a local file (`cfg.pretrained`); nothing is ever downloaded.

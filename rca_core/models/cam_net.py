@@ -1,4 +1,4 @@
-"""The CAM network with the RCA parts (method.md sections 1-4).
+"""The CAM network with the RCA parts (docs/method.md: CAM network to Semantic aggregation).
 
     features x = backbone(image)                                   (B, C, h, w)
     plain branch:       cam_plain = conv1x1(x)  (bias-free)         (B, n_fg, h, w); logits = GAP

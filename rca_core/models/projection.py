@@ -1,4 +1,4 @@
-"""Projection head and region embeddings (method.md sections 2-3).
+"""Projection head and region embeddings (docs/method.md: Memory bank, Semantic contrast).
 
 `ProjectionHead`: conv3x3-BN-ReLU-conv3x3 on backbone features -> a per-pixel embedding map (B, D, h, w).
 `region_masks(cam_logits, tags)`: for every (image, ground-truth class) pair the binary region

@@ -1,7 +1,7 @@
 """Stage cam_infer: multi-scale + flip CAMs of every training image, ground-truth classes only.
 
 The CAM comes from the aggregated branch when aggregation is on, with the dataset-level prototypes of
-memory_build (method.md 4); from the plain branch otherwise. Per image: field `cam` (n_tags, H, W)
+memory_build (docs/method.md, Semantic aggregation); from the plain branch otherwise. Per image: field `cam` (n_tags, H, W)
 at image resolution, max-normalised per class, stored as cam_infer.dtype (uint8 =
 round(255 * cam) by default, or float16; readers decode with rca_core.cam_ops.decode_cam), attrs `classes` (1-based ids,
 ascending). An image without tags gets a (0, H, W) array. (The low-resolution copy earlier versions

@@ -1,6 +1,6 @@
 """Stage cam_train: train the CAM network (with the switched-on RCA parts) on image tags.
 
-Loss per step (method.md sections 1-4):
+Loss per step (docs/method.md: CAM network, Memory bank, Semantic contrast, Semantic aggregation):
     L = MLSM(logits) [+ aux_weight * MLSM(logits_plain) when aggregation is on]
         [+ contrast.weight * L_SC once step >= warmup_epochs * steps_per_epoch]
 The memory bank is written after each step (no gradient; GT classes with sigmoid score above the

@@ -1,7 +1,7 @@
 """Scoring a per-image label field (CRF labels, pseudo-masks) against the ground truth, on the workers.
 
 Each worker folds the images it computes (or finds finished) into a PseudoMaskScore (both protocols,
-method.md 7) and hands it back with its shard; the driver only merges the confusion matrices, so no stage
+docs/method.md, Evaluation) and hands it back with its shard; the driver only merges the confusion matrices, so no stage
 reads every image on the driver. Only images of the evaluation split are scored (data.eval_split, e.g.
 VOC train's 1,464 images while pseudo-masks are made for all of train_aug), as every paper does.
 """

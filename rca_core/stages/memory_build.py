@@ -1,4 +1,4 @@
-"""Stage memory_build: the dataset-level regional memory and its per-class prototypes (method.md 2, 4).
+"""Stage memory_build: the dataset-level regional memory and its per-class prototypes (docs/method.md: Memory bank, Semantic aggregation).
 
 Per image (Worker.process): one forward pass of the trained network at scale 1 (no flip); for every
 ground-truth class the region mask_c = P_c > mean(P_c) of the plain branch and the masked average of

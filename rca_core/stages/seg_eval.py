@@ -1,7 +1,7 @@
 """Per-image stage: the trained segmenter's prediction on the val split, then mIoU in finalize.
 
 `process(image_id)` predicts the image (optionally averaged over `segmenter.eval_scales` and horizontal
-flips, then optionally refined by a dense CRF with `segmenter.eval_crf_params`: method.md section 6)
+flips, then optionally refined by a dense CRF with `segmenter.eval_crf_params`: docs/method.md, Segmenter)
 and stores it as "pred" (uint8, H x W). Each worker folds its predictions and their ground truth into a `rca_core.metrics.ConfusionMatrix`
 (ground-truth 255 ignored) and hands it back with its shard; `finalize` merges them (no per-image reads on
 the driver) and returns mIoU, per-class IoU, precision and recall, also stored as the "per_class" table.

@@ -2,7 +2,7 @@
 
 Masks: `cfg.segmenter.labels == "pseudo"` reads each training image's "pseudo_mask" from the random_walk
 stage (`ctx.inputs["masks"]`); `"gt"` reads the data set's ground truth (`ctx.dataset.mask`).
-255 is ignored by the loss. Augmentation (method.md section 6 / torchvision references): random rescale
+255 is ignored by the loss. Augmentation (docs/method.md, Segmenter; torchvision references): random rescale
 in `scale_range`, horizontal flip, pad (image with the mean colour, mask with 255) and random crop to
 `crop_size`. Every random choice of an item comes from a generator seeded with (seed, epoch, index) and
 the shuffle order from (seed + epoch), so a resumed run sees the same batches as an uninterrupted one.

@@ -6,7 +6,7 @@
     ...  NodeAffinitySchedulingStrategy(cluster.node2_id, soft=False), or resources={"node2": 0.01}
     cluster.stop()
 
-How (the recipe measured in /work/shared/env/NOTES.md):
+How (a recipe measured on the development machine; stock `ray start` cannot do it on loopback):
 - head: stock `ray start --head --node-ip-address=127.0.0.1 --port=G --block` with explicit ports for everything,
   no dashboard, its own --temp-dir, a capped object store, custom resource {"head": 1};
 - node 2: the same CLI through ray_node_wrapper.py (allows a worker node and pins its IP to 127.0.0.1), run in

@@ -5,7 +5,7 @@
         env = s3.env              # AWS_* variables a client (or a Ray worker) needs
         ...
 
-The command line is the one measured in /work/shared/env/NOTES.md: telemetry off (it dials out by default),
+The command line (measured on the development machine): telemetry off (it dials out by default),
 Iceberg and Lance listeners off (on by default), explicit free ports bound to 127.0.0.1 only, its own data
 directory, local sockets inside that directory, GOMEMLIMIT=384MiB. With no `-s3.config` and no AWS_*
 variables in weed's own environment, SeaweedFS accepts any key/secret; clients must still pass some
