@@ -11,8 +11,11 @@
 - N workers: Ray Train's TorchTrainer (DDP; gloo on CPU, NCCL on GPU) on any nodes. Its `storage_path` is inside
   the stage's folder of the store (`<store>/<stage>/<key>/files/ray_train`), through the store's own fsspec file
   system (wrapped for pyarrow), so an S3-compatible endpoint given by AWS_ENDPOINT_URL / `storage` is honoured.
-  Checkpoints are Ray Train's (tasks.remote.RayTrainCheckpointer): a restarted worker group (worker or node
-  lost; FailureConfig) and a new fit() of the same stage resume from the last one.
+  Checkpoints are Ray Train's (tasks.remote.RayTrainCheckpointer): a new fit() of the same stage resumes from the
+  last one. A fit that lost workers or nodes is started again that way (`ray.max_failures` times at most); an
+  error of the stage's own code (a non-finite loss, a bad config value, a bad data file) ends the stage at once
+  (TrainingStageError): a restart would fail the same way. A one-worker task is retried only when its worker or
+  node is lost, never for its own exception.
 - Progress reaches the driver through a small actor (rank 0 updates it, the driver polls); every rank writes
   where it runs into the store (the stage's `workers` table); rank 0 writes the summary file and the outputs.
 The code that runs in the workers is tasks/remote.py.
@@ -80,7 +83,7 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
                                                           max_retries=cfg.ray.max_failures, retry_exceptions=False)
             ray.get(task.remote(cfg_json, name, store_url, actor))
         else:
-            _trainer(name, cfg, store_url, out, actor, gpus, resources).fit()
+            _fit_restarting_lost(name, cfg, lambda: _trainer(name, cfg, store_url, out, actor, gpus, resources))
 
     def on_host() -> None:
         host = hosts[0]
@@ -130,6 +133,51 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
     return summary
 
 
+class TrainingStageError(RuntimeError):
+    """A training stage failed with an error that a restart cannot fix (its own code's: a non-finite loss, a bad
+    config value, a bad data file); raised at once, never restarted."""
+
+
+def lost_workers_only(e: BaseException) -> bool:
+    """Whether a failed fit lost workers or nodes (a restart resumes from the checkpoint) rather than failing in
+    the stage's own code (a restart would fail the same way)."""
+    import ray.train
+
+    if isinstance(e, getattr(ray.train, "PreemptionError", ())):
+        return True
+    failures = getattr(e, "worker_failures", None)
+    if not failures:
+        return actor_pool.actor_lost(e)
+    return all(actor_pool.actor_lost(f) or actor_pool.actor_lost(getattr(f, "__cause__", None) or f)
+               for f in failures.values())
+
+
+def _fit_restarting_lost(name: str, cfg: RunConfig, make_trainer) -> None:
+    """A Ray Train fit that is started again (resuming from its last checkpoint: same run name and storage) when it
+    lost workers or nodes, at most `ray.max_failures` times; any other failure ends the stage at once."""
+    lost = 0
+    while True:
+        try:
+            make_trainer().fit()
+            return
+        except Exception as e:  # noqa: BLE001
+            if not lost_workers_only(e):
+                rank, err = next(iter((getattr(e, "worker_failures", None) or {None: e}).items()))
+                where = f" on rank {rank}" if rank is not None else ""
+                first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise TrainingStageError(
+                    f"stage {name} failed{where}: {first[:500]} (not restarted: a restart cannot fix an error of the "
+                    f"stage's own; restarts, ray.max_failures = {cfg.ray.max_failures}, are for lost workers and "
+                    f"nodes; {lost} restart(s) before this)") from e
+            if lost >= cfg.ray.max_failures:
+                raise
+            lost += 1
+            from . import console
+
+            console.log_line("rca", f"stage {name}: workers or nodes lost ({type(e).__name__}); restart {lost} of "
+                             f"{cfg.ray.max_failures} from the last checkpoint")
+
+
 def _trainer(name: str, cfg: RunConfig, store_url: str, out, actor, gpus: float, resources: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -142,7 +190,7 @@ def _trainer(name: str, cfg: RunConfig, store_url: str, out, actor, gpus: float,
                                      resources_per_worker=resources, placement_strategy=cfg.ray.train_placement),
         run_config=RayRunConfig(storage_path=storage_path, storage_filesystem=storage_fs,
                                 name=f"{name}-{out.key.split('/')[1]}",
-                                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                failure_config=FailureConfig(max_failures=0),  # _fit_restarting_lost decides
                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
 
