@@ -239,14 +239,18 @@ def _prefect(prefect_home: Optional[Path], need_server: bool):
         finally:
             console.drain_prefect()
         return
-    from flows.prefect_server import local_prefect_server
+    from flows.prefect_server import shared_local_server
 
     t0 = time.time()
     with contextlib.ExitStack() as stack:
         with console.Phase(f"Prefect: starting a local server (PREFECT_HOME={prefect_home})"):
-            api = stack.enter_context(local_prefect_server(prefect_home))
-        console.say(f"Prefect: local server up in {time.time() - t0:.0f} s, UI {api[:-4]} "
-                    f"(server log {Path(prefect_home) / 'server.log'})")
+            api, started = stack.enter_context(shared_local_server(prefect_home))
+        if started:
+            console.say(f"Prefect: local server up in {time.time() - t0:.0f} s, UI {api[:-4]} "
+                        f"(server log {Path(prefect_home) / 'server.log'})")
+        else:
+            console.say(f"Prefect: the local server of PREFECT_HOME={prefect_home} is already running (another "
+                        f"command started it), UI {api[:-4]}")
         try:
             yield api
         finally:

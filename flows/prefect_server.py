@@ -1,6 +1,11 @@
 """Start and stop a local Prefect server on 127.0.0.1 (SQLite in its own PREFECT_HOME).
 
-Used by the main job when no PREFECT_API_URL is set, by `rca serve --start-server`, and by tests.
+`shared_local_server(home)` is what `rca run` uses when no PREFECT_API_URL is set: commands started from one
+directory (one PREFECT_HOME) share one server instead of starting two on one SQLite file. The first starts it
+(detached, its address in PREFECT_HOME/server.json), each registers itself in PREFECT_HOME/users/, and the last to
+leave stops it; a server whose command was killed is found alive and reused, or found dead and replaced. The
+decisions are taken under a file lock (PREFECT_HOME/server.lock). `local_prefect_server` (one server for one
+block) serves the tests.
 Prefect calls happen only in the flow (driver) process; Ray workers never talk to Prefect, so one
 server serves a whole run.
 """
@@ -58,6 +63,110 @@ def wait_healthy(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | N
             last = e
         time.sleep(0.5)
     raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s ({last})")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _healthy(api: str) -> bool:
+    try:
+        wait_healthy(api, timeout=3)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _users(home: Path) -> list[Path]:
+    """The commands using the shared server now (dead ones' entries removed)."""
+    d = home / "users"
+    d.mkdir(exist_ok=True)
+    live = []
+    for f in d.iterdir():
+        if f.name.isdigit() and _alive(int(f.name)):
+            live.append(f)
+        else:
+            f.unlink(missing_ok=True)
+    return live
+
+
+def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.time() + 20
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def shared_local_server(home: str | Path, set_env: bool = True):
+    """A local server for PREFECT_HOME=`home` for the block, shared with every other command that uses the same
+    home at the same time; yields (API URL, whether this command started it)."""
+    import json
+
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    state_file, me = home / "server.json", home / "users" / str(os.getpid())
+    with _locked(home / "server.lock"):
+        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        started = not (state and _alive(state["pid"]) and _healthy(state["api"]))
+        if started:
+            if state and _alive(state["pid"]):  # alive but not answering: not usable, not ours to keep
+                _stop(state["pid"])
+            port = free_port()
+            env = {**os.environ, **server_process_env(home, port)}
+            log = open(home / "server.log", "ab")
+            proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                     "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            log.close()
+            try:
+                wait_healthy(env["PREFECT_API_URL"], proc=proc)
+            except BaseException:
+                _stop(proc.pid)
+                raise
+            state = {"pid": proc.pid, "port": port, "api": env["PREFECT_API_URL"]}
+            state_file.write_text(json.dumps(state))
+        _users(home)
+        me.write_text(str(time.time()))
+    old = {k: os.environ.get(k) for k in server_env(home, state["port"])}
+    if set_env:
+        os.environ.update(server_env(home, state["port"]))
+    try:
+        yield state["api"], started
+    finally:
+        if set_env:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        with _locked(home / "server.lock"):
+            me.unlink(missing_ok=True)
+            if not _users(home):  # the last one out stops the server
+                _stop(state["pid"])
+                state_file.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ def run_stage_in_flow(name: str, cfg: RunConfig) -> dict:
     opts = dict(task_run_name=name, refresh_cache=not out.is_complete(), result_storage=result_storage_for(cfg))
     state = run_stage_task.with_options(**opts)(name, cfg, cache_key(name, cfg), return_state=True)
     result = state.result()
-    return {**result, "cached": state.name == "Cached", "state": state.name}
+    # found complete after waiting for another run's lease: nothing computed here, as for a cached stage
+    return {**result, "cached": state.name == "Cached" or bool(result.get("found_complete")), "state": state.name}
 
 
 def prepare_config(config: RunConfig) -> RunConfig:

@@ -173,3 +173,147 @@ def process_s3_client(bucket: str, options: dict):
     if key not in _CLIENTS:
         _CLIENTS[key] = s3_client(bucket, options)
     return _CLIENTS[key]
+
+
+# ------------------------------------------------------------------------------------------------ conditional writes
+# A small record that several processes (drivers on other machines) update (a stage's lease): read it with its
+# version, then write it only if it is still that version (or still absent), so that two writers never both win.
+# Object storage: S3's conditional requests (If-None-Match: * and If-Match: <ETag>, through s3fs/botocore); a local
+# file system: a lock file held around the check and the write (fcntl.flock; a shared network file system must
+# support it).
+def _is_s3(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols or "s3a" in protocols
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """S3 refused a conditional write (412 PreconditionFailed, 409 ConditionalRequestConflict); s3fs hands both back
+    as an OSError whose text says so."""
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("PreconditionFailed", "pre-conditions you specified", "ConditionalRequestConflict",
+                                   "412", "AlreadyExists"))
+
+
+def _local_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class _LocalLock:
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.f = open(self.path, "a+")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def read_versioned(fs, path: str) -> tuple[bytes, str] | None:
+    """(bytes, version) of a small record, or None when there is none. The version is what `put_if` compares."""
+    if _is_local(fs):
+        with _LocalLock(path):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+        return data, _local_version(data)
+    if _is_s3(fs):
+        from fsspec.asyn import sync
+
+        bucket, key = split_key(path)
+
+        async def get():
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with resp["Body"] as body:
+                return await body.read(), resp["ETag"]
+
+        try:
+            return request(path, sync, fs.loop, get)
+        except FileNotFoundError:
+            return None
+    try:  # other file systems: no conditional write; the content is the version (best effort)
+        data = request(path, fs.cat_file, path)
+    except FileNotFoundError:
+        return None
+    return data, _local_version(data)
+
+
+def put_if(fs, path: str, data: bytes, version: str | None) -> str | None:
+    """Write `data` only if the record is still at `version` (None: only if there is no record yet). Returns the new
+    version, or None when another writer got there first."""
+    if _is_local(fs):
+        with _LocalLock(path):
+            try:
+                with open(path, "rb") as f:
+                    now = _local_version(f.read())
+            except FileNotFoundError:
+                now = None
+            if now != version:
+                return None
+            tmp = f"{path}.{os.getpid()}.partial"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return _local_version(data)
+    if _is_s3(fs):
+        bucket, key = split_key(path)
+        cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            resp = request(path, fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **cond)
+        except Exception as e:  # noqa: BLE001
+            if _precondition_failed(e):
+                return None
+            raise
+        return resp.get("ETag") or _local_version(data)
+    got = read_versioned(fs, path)
+    if (got[1] if got else None) != version:
+        return None
+    request(path, fs.pipe_file, path, data)
+    return _local_version(data)
+
+
+def delete_if(fs, path: str, version: str) -> bool:
+    """Remove the record only if it is still at `version`; False when it changed (or is gone)."""
+    if _is_local(fs):
+        with _LocalLock(path):
+            try:
+                with open(path, "rb") as f:
+                    if _local_version(f.read()) != version:
+                        return False
+            except FileNotFoundError:
+                return False
+            os.unlink(path)
+        return True
+    if _is_s3(fs):
+        bucket, key = split_key(path)
+        try:
+            request(path, fs.call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except Exception as e:  # noqa: BLE001
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+    got = read_versioned(fs, path)
+    if not got or got[1] != version:
+        return False
+    request(path, fs.rm, path)
+    return True

@@ -5,7 +5,9 @@ CODE_VERSION) + library version + store location. Results and cache records are 
 store (`<store>/_prefect_results`, through fsspec for a bucket), so another machine running the flow
 against the same store finds them. A run whose stage is complete in the store finds the cached result
 (state Cached). If the store lost the stage, the flow passes refresh_cache=True and the task
-recomputes; inside the task, finished images are skipped (per-image resume).
+recomputes; inside the task, finished images are skipped (per-image resume). Before computing, the task takes the
+stage's lease in the store (rca_core.store.lease): a second run on the same store and config waits for the first
+(then finds the stage complete) or fails naming it (`lease.on_busy`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from rca_core.config import RunConfig
 from rca_core.stages.planning import plan
 from rca_core.store import ArtifactStore
 
+from . import console
 from .progress import StageProgress
 
 
@@ -84,12 +87,20 @@ def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
     store = ArtifactStore.for_config(cfg)
     p = plan(cfg)
     out = store.stage(name, p[name].fingerprint)
+    found_complete = False
     if not out.is_complete():
         for up in p[name].inputs:
             if not store.stage(up, p[up].fingerprint).is_complete():
                 raise RuntimeError(f"stage {name} needs stage {up}, which is not complete in {cfg.store}")
-        progress = StageProgress(name)
-        run = run_per_image_stage if p[name].kind == "per_image" else run_training_stage
-        run(name, cfg, cfg.store, on_progress=progress)
-        progress.close()
-    return {"stage": name, "key": out.key, "store": cfg.store, "summary": scalars(out.summary())}
+        with out.lease(ttl_s=cfg.lease.ttl_s, on_busy=cfg.lease.on_busy, wait_timeout_s=cfg.lease.wait_timeout_s,
+                       on_wait=lambda h: console.say(f"{name}: waiting for another run that computes it: "
+                                                     f"{h.describe()} (lease.on_busy: fail stops instead)")):
+            if out.is_complete():  # the other run finished it while this one waited
+                found_complete = True
+            else:
+                progress = StageProgress(name)
+                run = run_per_image_stage if p[name].kind == "per_image" else run_training_stage
+                run(name, cfg, cfg.store, on_progress=progress)
+                progress.close()
+    return {"stage": name, "key": out.key, "store": cfg.store, "summary": scalars(out.summary()),
+            "found_complete": found_complete}

@@ -55,6 +55,17 @@ class StorageConfig(StrictModel):
     anon: bool = Field(False, description="anonymous access (public buckets)")
 
 
+class LeaseConfig(StrictModel):
+    """One writer per stage of a store: a driver takes a stage's lease before computing it (rca_core.store.lease)."""
+
+    on_busy: Literal["wait", "fail"] = Field("wait", description=(
+        "another run holds the stage's lease: wait for it (then find the stage complete), or fail at once naming it"))
+    ttl_s: float = Field(60.0, gt=0, description=(
+        "a lease not renewed for this long (its driver killed, its machine gone) is taken over; renewed every ttl/3"))
+    wait_timeout_s: float | None = Field(None, gt=0, description=(
+        "on_busy wait: give up after this long (None: wait as long as the holder keeps renewing its lease)"))
+
+
 WEIGHT_KEYS = ("cam.backbone.pretrained", "refine.affinity.backbone.pretrained", "segmenter.pretrained")
 
 
@@ -71,6 +82,7 @@ class RunConfig(StrictModel):
     segmenter: SegmenterConfig = SegmenterConfig()
     compute: ComputeConfig = ComputeConfig()
     ray: RayConfig = RayConfig()
+    lease: LeaseConfig = Field(LeaseConfig(), description="one writer per stage of a store (two runs on one store)")
 
     def fingerprint(self) -> str:
         return fingerprint(self)
@@ -179,4 +191,4 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     return out
 
 
-__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]
+__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "LeaseConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]

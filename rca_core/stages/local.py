@@ -1,10 +1,13 @@
 """Run stages in this process, without Prefect or Ray (a notebook, `rca stage NAME --local`, the tests).
 
+Each stage is computed holding its lease in the store (rca_core.store.lease), as in the Prefect task.
+
 The same stage code and lifecycle as on a cluster: per-image stages through rca_core.stages.runner (one
 shard), training stages through their `train(cfg, ctx)` with a checkpoint in the store.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from rca_core.config import RunConfig
@@ -13,6 +16,8 @@ from rca_core.store import ArtifactStore
 from .context import make_context
 from .planning import StagePlan, plan, upstream_closure
 from .runner import run_per_image_local, stage_module
+
+log = logging.getLogger("rca.stages")
 
 
 def record_run(cfg: RunConfig, store: ArtifactStore, plans: dict[str, StagePlan] | None = None) -> str:
@@ -36,7 +41,10 @@ def run_stage(name: str, cfg: RunConfig, store: ArtifactStore | str | None = Non
         for up in plans[n].inputs:
             if not store.stage(up, plans[up].fingerprint).is_complete():
                 raise RuntimeError(f"stage {n} needs {up}, which is not complete in {store.url}")
-        summary = run_planned_stage(n, cfg, store, plans, show_progress)
+        with out.lease(ttl_s=cfg.lease.ttl_s, on_busy=cfg.lease.on_busy, wait_timeout_s=cfg.lease.wait_timeout_s,
+                       on_wait=lambda h, n=n: log.info("%s: waiting for another run that computes it: %s", n,
+                                                       h.describe())):
+            summary = out.summary() if out.is_complete() else run_planned_stage(n, cfg, store, plans, show_progress)
     return summary
 
 

@@ -9,6 +9,7 @@ package's modules, one job each:
 - entries     an entry's files put and fetched: local disk, obstore or fsspec (requests: rca_core.object_io)
 - background  writes behind the computation, reads ahead of it
 - records     listing, manifest, tables, plain files, the completion marker and summary
+- lease       one writer per stage: a lease record taken before a stage computes, renewed while it runs
 - errors, jsonvalues   StoreError / DamagedEntryError; numpy values as JSON
 
 Every byte goes through the store's URL (rca_core.storage): a worker on another node needs only the URL, never a
@@ -40,10 +41,11 @@ from rca_core.store.codec import (CHUNK_MARKER, COMPRESSORS, MARKER, checksum, d
 from rca_core.store.entries import EntryFiles
 from rca_core.store.errors import DamagedEntryError, StoreError
 from rca_core.store.layout import Loc, check_field, check_image_id, stage_key
+from rca_core.store.lease import LeaseBusy, LeaseLost, check_held, hold
 from rca_core.store.one_chunk import parse_meta
 from rca_core.store.records import StageRecords
 
-__all__ = ["ArtifactStore", "StageOutput", "StoreError", "DamagedEntryError", "COMPRESSORS", "MARKER",
+__all__ = ["ArtifactStore", "StageOutput", "StoreError", "DamagedEntryError", "LeaseBusy", "LeaseLost", "COMPRESSORS", "MARKER",
            "CHUNK_MARKER", "WRITE_BEHIND_THREADS", "WRITE_BEHIND_DEPTH", "check_image_id", "checksum", "has_marker",
            "encode_array"]
 
@@ -292,7 +294,13 @@ class StageOutput:
         return self._records.file(name).exists()
 
     def mark_complete(self, summary: dict) -> None:
+        """Write the completion marker (and summary), unless this process's lease on the stage was lost."""
+        check_held(self)
         self._records.mark_complete(summary)
+
+    def lease(self, **kw):
+        """Context: hold this stage's lease for the block (rca_core.store.lease.hold: ttl_s, on_busy, ...)."""
+        return hold(self, **kw)
 
     def is_complete(self) -> bool:
         return self._records.is_complete()
