@@ -218,6 +218,37 @@ def is_dir(location: str | os.PathLike, storage: Any = None) -> bool:
         return False
 
 
+def credentials_problem(location: str, storage: Any = None) -> str | None:
+    """Why this process cannot sign requests to `location` (no AWS credentials found: no key in the environment,
+    no profile, no instance profile or web identity), in words; None when it can, or the location needs none."""
+    if protocol(location) not in ("s3", "s3a"):
+        return None
+    opts = options_for(location, storage)
+    if opts.get("anon"):
+        return None
+    try:
+        import botocore.session
+
+        session = botocore.session.Session(profile=opts.get("profile"))
+        if session.get_credentials() is not None:
+            return None
+    except Exception as e:  # noqa: BLE001 - a broken profile or config file: say so
+        return f"the AWS credentials could not be loaded ({type(e).__name__}: {e})"
+    where = f"profile {opts['profile']!r}" if opts.get("profile") else "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    return (f"no AWS credentials on this node for {location}: none in the environment ({where}), no shared "
+            "credentials file, no instance profile or web identity; give the node its credentials (an instance "
+            "profile, the pod its Secret, or the variables in the environment that starts its Ray)")
+
+
+REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403", "ExpiredToken")
+
+
+def refused_credentials(e: BaseException) -> bool:
+    """Whether an object-storage error means the server refused the credentials (wrong key, secret or token)."""
+    text = f"{type(e).__name__} {e}"
+    return isinstance(e, PermissionError) or any(s in text for s in REFUSED)
+
+
 def upload_tree(local_dir: str | os.PathLike, location: str, storage: Any = None) -> int:
     """Copy a local directory tree to a location (files only); returns the number of files copied."""
     fs, root = filesystem(location, storage)
@@ -250,7 +281,7 @@ def host() -> str:
 
 __all__ = ["MissingExtraError", "FileRef", "is_url", "protocol", "local_path", "absolute", "join", "options_for",
            "filesystem", "file_ref", "read_bytes", "write_bytes", "exists", "is_dir", "upload_tree",
-           "content_hash", "host", "is_local_fs", "cat_file", "one_read_kwargs", "fetch", "process_object_store"]
+           "content_hash", "host", "credentials_problem", "refused_credentials", "is_local_fs", "cat_file", "one_read_kwargs", "fetch", "process_object_store"]
 
 
 def object_store(location: str, storage: Any = None):

@@ -236,14 +236,24 @@ def node_check(marker_uri: str, token: str, cfg_json: dict, split: str) -> dict:
 
     cfg = RunConfig.model_validate(cfg_json)
     problems = []
-    try:
-        got = json.loads(storage.read_bytes(marker_uri, cfg.storage)).get("token")
-        if got != token:
-            problems.append(f"store marker {marker_uri} holds another run's token")
-    except Exception as e:  # noqa: BLE001
-        problems.append(f"cannot read the store marker {marker_uri} ({type(e).__name__}: {e}); "
-                        f"store = {cfg.store}")
+    no_credentials = {loc: why for loc in dict.fromkeys([cfg.store, cfg.data.root])
+                      if (why := storage.credentials_problem(loc, cfg.storage))}
+    problems += list(no_credentials.values())
+    if cfg.store not in no_credentials:
+        try:
+            got = json.loads(storage.read_bytes(marker_uri, cfg.storage)).get("token")
+            if got != token:
+                problems.append(f"store marker {marker_uri} holds another run's token")
+        except Exception as e:  # noqa: BLE001
+            if storage.refused_credentials(e):
+                problems.append(f"the object store refused this node's AWS credentials for {cfg.store} (wrong key, "
+                                f"secret or token: {type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            else:
+                problems.append(f"cannot read the store marker {marker_uri} ({type(e).__name__}: {e}); "
+                                f"store = {cfg.store}")
     root = cfg.data.root
+    if root in no_credentials:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": storage.host(), "problems": problems}
     want = (storage.join(root, "meta.json") if cfg.data.kind == "demo"
             else storage.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
     try:

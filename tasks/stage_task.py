@@ -12,6 +12,7 @@ stage's lease in the store (rca_core.store.lease): a second run on the same stor
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from prefect import task
@@ -94,7 +95,11 @@ def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
                 raise RuntimeError(f"stage {name} needs stage {up}, which is not complete in {cfg.store}")
         with out.lease(ttl_s=cfg.lease.ttl_s, on_busy=cfg.lease.on_busy, wait_timeout_s=cfg.lease.wait_timeout_s,
                        on_wait=lambda h: console.say(f"{name}: waiting for another run that computes it: "
-                                                     f"{h.describe()} (lease.on_busy: fail stops instead)")):
+                                                     f"{h.describe()} (lease.on_busy: fail stops instead)")) as lease:
+            if lease.took_over is not None:
+                h = lease.took_over
+                console.say(f"{name}: took over the lease of run {h.run_id} (host {h.host}, pid {h.pid}): no "
+                            f"heartbeat for {time.time() - h.heartbeat:.0f} s (lease.ttl_s {cfg.lease.ttl_s:g})")
             if out.is_complete():  # the other run finished it while this one waited
                 found_complete = True
             else:

@@ -325,3 +325,24 @@ def test_node_that_cannot_see_the_store_fails_fast_naming_it(cluster, tmp_path_f
     from rca_core.stages.planning import plan
 
     assert not (where / "local-store" / plan(load(cfg_path))["cam_train"].key / "files" / "ray_train").exists()
+
+
+def test_node_without_credentials_fails_the_preflight_saying_so(cluster, tmp_path_factory):
+    """Node 2 started without its AWS credentials (an instance without its profile, a pod without its Secret): the
+    run fails in the preflight, within ray.preflight_timeout_s, with a line that says so in words and names node 2."""
+    c = cluster
+    where = tmp_path_factory.mktemp("no_credentials")
+    cfg_path = cluster_config(c, where / "cfg", f"s3://{BUCKET}/no-credentials")
+    node2 = c.ray.restart_node2(drop_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+    try:
+        t0 = time.time()
+        res = rca(c, ["run", "-c", str(cfg_path), "--stage", "cam_train"], cwd=where / "cwd", timeout=180)
+        wall = time.time() - t0
+    finally:
+        c.ray.restart_node2()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    line = next((ln for ln in out.splitlines() if "no AWS credentials on this node" in ln), None)
+    assert line is not None and node2[:12] in line and f"s3://{BUCKET}/no-credentials" in line, out[-3000:]
+    assert wall < 90, f"took {wall:.0f} s"
+    print(line)

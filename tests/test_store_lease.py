@@ -29,7 +29,7 @@ def _expired_lease_is_taken_over_and_the_old_holder_cannot_complete(out) -> None
     old._stop.set()         # ... but its heartbeats stop, as when its driver is killed
     time.sleep(1.0)
     new = StageLease(out, ttl_s=30, run_id="next")
-    assert new.try_acquire() is None and new.takeovers == 1
+    assert new.try_acquire() is None and new.took_over.run_id == "killed"
     with pytest.raises(LeaseLost, match="taken over by another run"):
         out.mark_complete({"by": "killed"})  # the old holder never marks the stage complete
     old.stop_heartbeat()

@@ -77,7 +77,7 @@ class StageLease:
         self.fs, self.path = out.store.loc.fs, out.store.loc.join(out.key, LEASE_FILE)
         self.version: str | None = None
         self.lost = False
-        self.takeovers = 0  # expired leases of other runs this one replaced
+        self.took_over: Holder | None = None  # the expired lease of another run this one replaced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,7 +111,7 @@ class StageLease:
                 return holder
             version = object_io.put_if(self.fs, self.path, self._record(), seen)
             if version is not None:
-                self.takeovers += 1
+                self.took_over = holder
         if version is None:  # another writer got there first: look again
             again = self.read()
             if again is not None and again[0].run_id == self.run_id:

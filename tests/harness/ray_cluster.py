@@ -111,6 +111,7 @@ class TwoNodeCluster:
         self.hidden_dirs = [Path(d).absolute() for d in hidden_dirs]
         self.head_cpus, self.node2_cpus = head_cpus, node2_cpus
         self.extra_env = dict(env or {})
+        self.node2_drop_env: tuple[str, ...] = ()  # variables node 2 is started without (restart_node2)
         self.object_store_memory = object_store_memory
         self.head_timeout, self.node2_timeout, self.stop_timeout = head_timeout, node2_timeout, stop_timeout
         self.head_proc: subprocess.Popen | None = None
@@ -159,6 +160,9 @@ class TwoNodeCluster:
         if head:
             env.update(self._head_env)
         env.update(self.extra_env)
+        if not head:
+            for k in self.node2_drop_env:
+                env.pop(k, None)
         return env
 
     def _node_ports(self, head: bool) -> list[str]:
@@ -328,8 +332,10 @@ class TwoNodeCluster:
         os.kill(pid, signal.SIGKILL)
         return pid
 
-    def restart_node2(self) -> str:
-        """Stop what is left of node 2 and start it again (fresh node id, same hidden dirs); returns the id."""
+    def restart_node2(self, drop_env: tuple[str, ...] = ()) -> str:
+        """Stop what is left of node 2 and start it again (fresh node id, same hidden dirs) without the environment
+        variables named in `drop_env` (e.g. its AWS credentials: a node without its instance profile); returns the id."""
+        self.node2_drop_env = tuple(drop_env)
         old = self.node2_id
         self._stop_node(self.node2_proc, "node2")
         self._start_node2(exclude={old} if old else set())
