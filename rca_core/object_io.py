@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 
@@ -45,6 +49,159 @@ def is_not_found(e: BaseException) -> bool:
 def _as_file_error(e: BaseException, path: str) -> BaseException:
     """The error a caller sees: "no such object" of either client as FileNotFoundError, anything else unchanged."""
     return FileNotFoundError(path) if is_not_found(e) and not isinstance(e, FileNotFoundError) else e
+
+
+# ------------------------------------------------------------------------------------------------ retry policy
+# One retry policy for every object-storage request of a process, on both paths: obstore requests are retried here
+# (`request`, `_request_async`, with obstore's own retries off), s3fs/botocore requests by rca_core.s3fs_retrying
+# (every S3 call s3fs makes, zarr-python's and pyarrow's included, with s3fs's and botocore's own retries off).
+# Bounded attempts with full-jitter exponential backoff for throttling (503 SlowDown), server errors (500, 502,
+# 503, 504), timeouts and connection resets; a total deadline per request; counters (requests, retries, gave up).
+# The run config's `storage` section sets it (rca_core.storage.configure_requests).
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 10            # tries after the first
+    deadline_s: float = 120.0    # a request (all its tries and waits) gives up after this long
+    backoff_s: float = 0.1       # the first wait (at most; full jitter)
+    backoff_max_s: float = 20.0  # the longest wait
+
+    def wait(self, retry: int) -> float:
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_s * 2 ** retry))
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """One try's timeout (connect + answer), so that a server that hangs cannot eat the whole deadline."""
+        return max(1.0, min(30.0, self.deadline_s / 2))
+
+
+class StorageUnavailable(OSError):
+    """Object storage did not answer a request usefully within the policy (attempts or deadline): names the endpoint,
+    the request and the last error."""
+
+
+class RequestStats:
+    """Counters of this process's object-storage requests (thread-safe)."""
+
+    KEYS = ("requests", "retries", "gave_up")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        self.last_error = ""
+
+    def add(self, key: str, n: int = 1, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.counts[key] += n
+            if error is not None:
+                self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {**self.counts, "last_error": self.last_error}
+
+
+STATS = RequestStats()
+_POLICY = RetryPolicy()
+_ENDPOINT = ""  # where requests go, for messages (set with the policy)
+
+
+def configure(policy: RetryPolicy, endpoint: str = "") -> None:
+    """This process's retry policy (from the run config's storage section) and the endpoint messages name."""
+    global _POLICY, _ENDPOINT
+    _POLICY = policy
+    if endpoint:
+        _ENDPOINT = endpoint
+
+
+def policy() -> RetryPolicy:
+    return _POLICY
+
+
+def stats_since(before: dict | None) -> dict:
+    """The requests, retries and give-ups since `before` (a STATS.snapshot()), with the last error if any."""
+    now = STATS.snapshot()
+    out = {k: now[k] - (before or {}).get(k, 0) for k in RequestStats.KEYS}
+    if out["retries"] or out["gave_up"]:
+        out["last_error"] = now["last_error"]
+    return out
+
+
+def summary_fields(*parts: dict | None) -> dict:
+    """The stage summary's storage counters from several stats_since() parts (driver, workers): storage_requests,
+    storage_retries, storage_gave_up and, when anything was retried or given up, storage_last_error."""
+    out = {f"storage_{k}": sum(int((p or {}).get(k, 0)) for p in parts) for k in RequestStats.KEYS}
+    errors = [p["last_error"] for p in parts if p and p.get("last_error")]
+    if errors and (out["storage_retries"] or out["storage_gave_up"]):
+        out["storage_last_error"] = errors[-1]
+    return out
+
+
+_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "Service Unavailable", "InternalError",
+                   "We encountered an internal error", "RequestTimeout", "Throttl", "TooManyRequests", "503", "500",
+                   "502", "504", "Connection reset", "connection reset", "Connection refused", "connection refused",
+                   "Broken pipe", "timed out", "Timeout", "timeout", "IncompleteRead", "incomplete", "ServerDisconnected",
+                   "Server disconnected", "ConnectionClosed", "ClientPayloadError", "Response payload is not completed",
+                   "EndpointConnectionError", "Could not connect", "error sending request", "connection closed",
+                   "Connection aborted", "ContentLengthError", "unexpected EOF", "hyper")
+
+
+def retryable(e: BaseException) -> bool:
+    """Whether a request's error is worth another try: throttling, a server error, a timeout, a dropped connection.
+    "No such object", refused credentials, a failed precondition and the caller's own errors are not."""
+    if isinstance(e, (FileNotFoundError, PermissionError, StorageUnavailable)) or is_not_found(e):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    text = f"{type(e).__name__} {e}"
+    if any(s in text for s in ("PreconditionFailed", "pre-conditions", "AlreadyExists", "Precondition",
+                               "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")):
+        return False
+    return any(s in text for s in _TRANSIENT_TEXT)
+
+
+def _gave_up(what: str, tries: int, t0: float, last: BaseException, pol: RetryPolicy) -> StorageUnavailable:
+    STATS.add("gave_up", error=last)
+    where = _ENDPOINT or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    return StorageUnavailable(
+        f"object storage at {where} gave no usable answer to {what} for {time.monotonic() - t0:.1f} s ({tries} "
+        f"tries; storage.retries {pol.retries}, storage.timeout_s {pol.deadline_s:g}); last error: "
+        f"{type(last).__name__}: {str(last).splitlines()[0][:300] if str(last) else ''}")
+
+
+def with_retries(what: str, call: Callable[[], Any]) -> Any:
+    """`call()` under the policy (blocking)."""
+    pol, t0, tries = _POLICY, time.monotonic(), 0
+    STATS.add("requests")
+    while True:
+        tries += 1
+        try:
+            return call()
+        except Exception as e:
+            if not retryable(e):
+                raise
+            pause = pol.wait(tries - 1)
+            if tries > pol.retries or time.monotonic() - t0 + pause > pol.deadline_s:
+                raise _gave_up(what, tries, t0, e, pol) from e
+            STATS.add("retries", error=e)
+            time.sleep(pause)
+
+
+async def with_retries_async(what: str, make: Callable[[], Awaitable[Any]]) -> Any:
+    """`await make()` under the policy (`make()` starts the request anew each try)."""
+    pol, t0, tries = _POLICY, time.monotonic(), 0
+    STATS.add("requests")
+    while True:
+        tries += 1
+        try:
+            return await make()
+        except Exception as e:
+            if not retryable(e):
+                raise
+            pause = pol.wait(tries - 1)
+            if tries > pol.retries or time.monotonic() - t0 + pause > pol.deadline_s:
+                raise _gave_up(what, tries, t0, e, pol) from e
+            STATS.add("retries", error=e)
+            await asyncio.sleep(pause)
 
 
 def request(path: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
@@ -90,7 +247,7 @@ def get(fs, path: str, client=None) -> bytes:
         return cat_file(fs, path)
     import obstore
 
-    return request(path, lambda: bytes(obstore.get(client, split_key(path)[1]).bytes()))
+    return request(path, with_retries, f"GET {path}", lambda: bytes(obstore.get(client, split_key(path)[1]).bytes()))
 
 
 def get_many(fs, paths: list[str], client=None) -> dict[str, Any]:
@@ -110,8 +267,11 @@ async def _get_all_async(client, paths: list[str]) -> list:
     import obstore
 
     async def one(path):
-        async def make():
+        async def get():
             return bytes(await (await obstore.get_async(client, split_key(path)[1])).bytes_async())
+
+        async def make():
+            return await with_retries_async(f"GET {path}", get)
         try:
             return await _request_async(path, make)
         except Exception as e:  # noqa: BLE001 - handed back, as fsspec's on_error="return" does
@@ -130,7 +290,7 @@ def put_many(fs, files: dict[str, bytes], client=None) -> None:
     import obstore
 
     for path, data in files.items():
-        request(path, obstore.put, client, split_key(path)[1], data)
+        request(path, with_retries, f"PUT {path}", lambda p=path, d=data: obstore.put(client, split_key(p)[1], d))
 
 
 # ------------------------------------------------------------------------------------------------ obstore clients
@@ -159,7 +319,9 @@ def s3_client(bucket: str, options: dict):
         kw["secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
         if os.environ.get("AWS_SESSION_TOKEN"):
             kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return S3Store(bucket, **kw)
+    t = f"{policy().attempt_timeout_s:g}s"
+    return S3Store(bucket, retry_config={"max_retries": 0}, client_options={"timeout": t, "connect_timeout": "5s"},
+                   **kw)
 
 
 _CLIENTS: dict[tuple, Any] = {}

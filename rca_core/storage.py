@@ -89,10 +89,15 @@ def options_for(location: str, storage: Any = None) -> dict:
         given = {k: v for k, v in storage.model_dump().items() if v not in (None, {}, "")}
     else:
         given = {}
+    if proto in ("s3", "s3a", "gs", "gcs") and storage is not None:
+        configure_requests(given)
     if proto in ("s3", "s3a"):
         # no directory-listing cache: other processes (workers on other nodes) add objects all the time, and a
         # cached listing would hide them (finished images, checkpoints, manifest parts)
         opts: dict = {"use_listings_cache": False}
+        # botocore: one attempt per call (the project's policy retries: rca_core.object_io), one try's timeouts
+        opts["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 1}, "connect_timeout": 5,
+                                 "read_timeout": object_io.policy().attempt_timeout_s}
         endpoint = given.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = given.get("region") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if endpoint:
@@ -116,6 +121,34 @@ def options_for(location: str, storage: Any = None) -> dict:
     return {}
 
 
+def configure_requests(storage: Any = None) -> None:
+    """This process's object-storage retry policy from the run config's storage section (or its dict): retries,
+    timeout_s, backoff_s, backoff_max_s (rca_core.object_io.RetryPolicy)."""
+    given = storage if isinstance(storage, dict) else (storage.model_dump() if storage is not None else {})
+    base = object_io.RetryPolicy()
+    policy = object_io.RetryPolicy(
+        retries=int(given.get("retries", base.retries)), deadline_s=float(given.get("timeout_s", base.deadline_s)),
+        backoff_s=float(given.get("backoff_s", base.backoff_s)),
+        backoff_max_s=float(given.get("backoff_max_s", base.backoff_max_s)))
+    endpoint = given.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    object_io.configure(policy, endpoint or "")
+
+
+_S3FS_REGISTERED = False
+
+
+def _register_s3fs() -> None:
+    """Every s3:// file system of this process (ours, zarr-python's, pyarrow's through ours) is s3fs under the
+    project's retry policy (rca_core.s3fs_retrying)."""
+    global _S3FS_REGISTERED
+    if not _S3FS_REGISTERED:
+        from rca_core.s3fs_retrying import RetryingS3FileSystem
+
+        for proto in ("s3", "s3a"):
+            fsspec.register_implementation(proto, RetryingS3FileSystem, clobber=True)
+        _S3FS_REGISTERED = True
+
+
 def filesystem(location: str | os.PathLike, storage: Any = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a local path or URL; clear error for a missing extra."""
     s = str(location)
@@ -127,6 +160,8 @@ def filesystem(location: str | os.PathLike, storage: Any = None) -> tuple[Any, s
         except ImportError:
             raise MissingExtraError(f"{s}: {proto}:// URLs need the {module} package; install the extra: "
                                     f"pip install -e '.[{extra}]'") from None
+        if module == "s3fs":
+            _register_s3fs()
     if not is_url(s):
         return fsspec.filesystem("file"), local_path(s)
     try:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Callable
 
-from rca_core import storage
+from rca_core import object_io, storage
 from rca_core import train_utils as tu
 from rca_core.config import RunConfig
 from rca_core.stages.context import make_context
@@ -74,7 +74,9 @@ class StageActor:
             self.builds[key] = self.builds.get(key, 0) + 1
             build_s = time.perf_counter() - t_build
         node = ray.get_runtime_context().get_node_id()
+        before = object_io.STATS.snapshot()
         res = run_shard(self.worker, ids, None if maybe_done is None else set(maybe_done))
+        res["storage"] = object_io.stats_since(before)
         res["rows"] = [{**row, "node_id": node, "pid": os.getpid()} for row in res["rows"]]
         return {**res, "builds": self.builds[key], "build_seconds": build_s, "node_id": node, "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
@@ -192,11 +194,13 @@ def train_in_process(cfg_json: dict, name: str, store_url: str, progress: Callab
 
     cfg = RunConfig.model_validate(cfg_json)
     torch.set_num_threads(cfg.compute.threads or max(1, int(train_cpus(cfg))))
+    before = object_io.STATS.snapshot()
     store = ArtifactStore(store_url, cfg.storage, create=False)
     register_rank(store, name, cfg, 0)
     ctx = make_context(name, cfg, store, progress=progress, generate=False)
     ctx.device = _gpu_device(ctx.device)
     summary = stage_module(name).train(cfg, ctx) or {}
+    summary["worker_storage"] = object_io.stats_since(before)
     ctx.out.write_file(SUMMARY_FILE, json.dumps(summary, default=str).encode())
     return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
@@ -217,13 +221,15 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.compute.threads or max(1, int(train_cpus(cfg))))
     store = ArtifactStore(store_url, cfg.storage, create=False)
     rank = ray.train.get_context().get_world_rank()
+    before = object_io.STATS.snapshot()
     register_rank(store, name, cfg, rank)
     ctx = make_context(name, cfg, store, progress=progress_sender(actor, rank), generate=False)
     ctx.checkpoint = RayTrainCheckpointer(ctx.out.file(CKPT_NAME))
     if ray.train.torch.get_device().type == "cuda":
         ctx.device = ray.train.torch.get_device()
     summary = stage_module(name).train(cfg, ctx) or {}
-    if rank == 0:
+    if rank == 0:  # rank 0's requests (the other ranks make the same reads and no writes)
+        summary["worker_storage"] = object_io.stats_since(before)
         ctx.out.write_file(SUMMARY_FILE, json.dumps(summary, default=str).encode())
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable
 
-from rca_core import storage
+from rca_core import object_io, storage
 from rca_core.config import RunConfig
 from rca_core.stages import registry
 from rca_core.stages.planning import plan
@@ -54,6 +54,7 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
     """Run (or resume) a training stage; returns its summary."""
     import ray
 
+    storage_before = object_io.STATS.snapshot()
     store = ArtifactStore(store_url, cfg.storage)
     plans = plan(cfg)
     out = store.stage(name, plans[name].fingerprint)
@@ -129,6 +130,7 @@ def run_training_stage(name: str, cfg: RunConfig, store_url: str,
     if rows:
         out.write_table("workers", rows)
     summary["nodes"] = len({r["node_id"] for r in rows})
+    summary.update(object_io.summary_fields(object_io.stats_since(storage_before), summary.pop("worker_storage", None)))
     out.mark_complete(summary)
     return summary
 

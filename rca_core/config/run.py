@@ -53,6 +53,14 @@ class StorageConfig(StrictModel):
     profile: str | None = Field(None, description="AWS profile name (credentials from ~/.aws)")
     project: str | None = Field(None, description="GCS project")
     anon: bool = Field(False, description="anonymous access (public buckets)")
+    # One retry policy for every object-storage request (rca_core.object_io), on both clients (obstore, s3fs):
+    # throttling (503 SlowDown), server errors, timeouts and dropped connections are tried again with full-jitter
+    # exponential backoff, until `retries` tries after the first or `timeout_s` in all; then the request fails,
+    # naming the endpoint and the last error. The defaults ride out minutes-long S3 throttling of a prefix.
+    retries: int = Field(10, ge=0, description="object-storage request: tries after the first (throttling, 5xx, timeouts, resets)")
+    timeout_s: float = Field(120.0, gt=0, description="object-storage request: give up after this long, tries and waits included")
+    backoff_s: float = Field(0.1, gt=0, description="object-storage retries: first wait (full jitter, doubling)")
+    backoff_max_s: float = Field(20.0, gt=0, description="object-storage retries: longest wait")
 
 
 class LeaseConfig(StrictModel):

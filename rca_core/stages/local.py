@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+from rca_core import object_io
 from rca_core.config import RunConfig
 from rca_core.store import ArtifactStore
 
@@ -57,11 +58,12 @@ def run_planned_stage(name: str, cfg: RunConfig, store: ArtifactStore, plans: di
         torch.set_num_threads(cfg.compute.threads)
     if plans[name].kind == "per_image":
         return run_per_image_local(name, cfg, store, plans, show_progress)
-    t0 = time.time()
+    t0, before = time.time(), object_io.STATS.snapshot()
     ctx = make_context(name, cfg, store, plans)
     ctx.out.prepare(())
     summary = dict(stage_module(name).train(cfg, ctx) or {})
     summary.setdefault("seconds", time.time() - t0)
+    summary.update(object_io.summary_fields(object_io.stats_since(before)))
     ctx.out.mark_complete(summary)
     return summary
 

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from rca_core import object_io
 from rca_core.config import RunConfig
 from rca_core.store import ArtifactStore, StageOutput
 
@@ -145,6 +146,8 @@ class PerImageRun:
         self.computed = 0
         self._manifest_has: set[str] | None = None
         self.t0 = time.time()  # reset by begin(): a stage's "seconds" run from there
+        self.storage_before = object_io.STATS.snapshot()  # this process's object-storage requests from here on
+        self.worker_storage: list[dict] = []               # the workers' (other processes), shard by shard
 
     @property
     def ids(self) -> list[str]:
@@ -174,6 +177,8 @@ class PerImageRun:
             self.parts.append(result["partial"])
         self.images += len(rows)
         self.computed += sum(r["status"] != KEPT for r in rows)
+        if result.get("storage"):
+            self.worker_storage.append(result["storage"])
         return rows
 
     def finish(self, **extra) -> dict:
@@ -186,6 +191,7 @@ class PerImageRun:
         summary.setdefault("images", len(self.ids))
         summary["recomputed_images"] = self.computed
         summary["listed_at_start"] = len(self.listed)
+        summary.update(object_io.summary_fields(object_io.stats_since(self.storage_before), *self.worker_storage))
         summary.update(extra)
         summary.setdefault("seconds", time.time() - self.t0)
         self.out.mark_complete(summary)

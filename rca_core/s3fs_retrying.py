@@ -1,0 +1,39 @@
+"""s3fs under the project's retry policy (rca_core.object_io): the file system class behind every s3:// location of
+this process (rca_core.storage registers it with fsspec, so zarr-python's and pyarrow's S3 requests use it too).
+
+Every request s3fs makes passes `_call_s3` (listing pages included), and a whole-object read (`_cat_file`, whose
+body can be cut off after the headers) is retried as one request. s3fs's own retry loop is reduced to one try
+(`retries = 1`) and botocore's to one attempt (rca_core.storage.options_for), so the policy's attempts, backoff,
+deadline and counters are the only ones.
+"""
+from __future__ import annotations
+
+import contextvars
+
+import s3fs
+
+from rca_core import object_io
+
+_INSIDE = contextvars.ContextVar("rca_s3_request", default=False)  # an enclosing request retries as a whole
+
+
+class RetryingS3FileSystem(s3fs.S3FileSystem):
+    retries = 1  # s3fs's own loop: one try (the project's policy retries)
+
+    async def _retrying(self, what: str, make):
+        if _INSIDE.get():
+            return await make()
+        token = _INSIDE.set(True)
+        try:
+            return await object_io.with_retries_async(what, make)
+        finally:
+            _INSIDE.reset(token)
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        what = f"{method} {kwargs.get('Bucket', '')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
+        return await self._retrying(what, lambda: super(RetryingS3FileSystem, self)._call_s3(method, *akwarglist,
+                                                                                               **kwargs))
+
+    async def _cat_file(self, path, *args, **kwargs):
+        return await self._retrying(f"GET {path}", lambda: super(RetryingS3FileSystem, self)._cat_file(path, *args,
+                                                                                                      **kwargs))
