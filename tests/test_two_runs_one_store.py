@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 STAGES = ["cam_train", "memory_build", "cam_infer"]
 
 
-def _rca(args, cwd, env=None) -> subprocess.Popen:
+def _rca(args, cwd, extra_env=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the commands start their own server
-    return subprocess.Popen([RCA, *args], cwd=cwd, env={**env, **(env or {})}, stdout=subprocess.PIPE,
+    return subprocess.Popen([RCA, *args], cwd=cwd, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -90,7 +90,9 @@ def test_the_lease_of_a_killed_driver_is_taken_over_after_it_expires(tmp_path):
     second = _rca(args, cwd)
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out[-3000:]
-    assert f"waiting for another run that computes it: run {holder['run_id']}" in out, out[-3000:]
-    assert "took over the lease" in out, out[-3000:]
+    # it waited for the lease while it was valid (if it got there in time), and took it over once it had expired
+    import re
+
+    took = re.search(rf"took over the lease of run {re.escape(holder['run_id'])} .*no heartbeat for (\d+) s", out)
+    assert took and int(took.group(1)) >= 6, out[-3000:]
     assert cam.is_complete() and not lease.exists()
-    assert time.time() - t0 >= 6.0 - (time.time() - holder["heartbeat"])  # not before the lease expired
