@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rca_core import storage
+from rca_core.object_io import StorageUnavailable
 from rca_core.config.data import VOC_CLASSES
 
 from .palette import PALETTE
@@ -151,7 +152,7 @@ def read_mask_file(path, fileobj=None) -> np.ndarray:
                 rgb = np.asarray(im)
             else:
                 raise DataError(f"mask {path}: unsupported PNG mode {mode} (expected P, L or RGB)")
-    except DataError:
+    except (DataError, StorageUnavailable):
         raise
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read mask {path}: {e}") from None
@@ -317,6 +318,8 @@ class VOCDataset:
             with self._open(path) as f, Image.open(f) as im:
                 im.load()  # decode now: a truncated file fails here
                 out = np.array(im.convert("RGB"), dtype=np.uint8)
+        except StorageUnavailable:  # the store did not answer: not a bad image
+            raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {self._id(i)!r} ({path}): {e}") from None
         self._sizes[self._id(i)] = out.shape[:2]
@@ -332,6 +335,8 @@ class VOCDataset:
         try:
             with self._open(path) as f, Image.open(f) as im:
                 w, h = im.size
+        except StorageUnavailable:
+            raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {iid!r} ({path}): {e}") from None
         self._sizes[iid] = (h, w)

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from rca_core import storage as io_
-from rca_core.object_io import request
+from rca_core.object_io import StorageUnavailable, request
 from rca_core.store.background import WRITE_BEHIND_DEPTH, WRITE_BEHIND_THREADS, Prefetch, WriteBehind
 from rca_core.store.codec import (CHUNK_MARKER, COMPRESSORS, MARKER, checksum, decode_verified, encode_array,
                                   has_marker, unreadable_metadata, whole_chunks)
@@ -160,6 +160,8 @@ class StageOutput:
             return list(self._fields)
         try:
             grp = zarr.open_group(self.store.zstore, path=self.key, mode="r")
+        except StorageUnavailable:  # the store did not answer: not the same as "no fields"
+            raise
         except Exception:
             return []
         self._fields = list(grp.attrs.get("fields", []))
@@ -233,6 +235,8 @@ class StageOutput:
         where = (self.key, name, field)
         try:
             meta, chunk = self._entries.fetch(rel, field)
+        except StorageUnavailable:  # the store did not answer in time: not a damaged entry
+            raise
         except Exception as e:
             raise unreadable_metadata(where, e) from e
         return decode_verified(meta, chunk, where, lambda: zarr.open_array(
@@ -250,6 +254,8 @@ class StageOutput:
                 continue
             try:  # unverified: the marker alone (a missing or torn zarr.json counts as not done)
                 attrs = parse_meta(self._entries.get_meta(f"{field}/{image_id}")).get("attributes") or {}
+            except StorageUnavailable:
+                raise
             except Exception:
                 return False
             if not has_marker(attrs):
