@@ -5,6 +5,7 @@ like real S3's (or a real network's), at the seeded rate, and the proxy's counte
 clients saw."""
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import http.client
 import json
@@ -204,8 +205,23 @@ def test_slowdown_and_internal_error_reach_both_clients_at_the_seeded_rates(faul
         assert c["slowdown"] == n["slowdown"] and c["internal_error"] == n["internal_error"], (c, n)
         assert c["by_method"] == {"GET": 330} and c["requests"] == 330 and c["forwarded"] == 330 - len(got)
         assert 15 <= n["slowdown"] <= 45 and 4 <= n["internal_error"] <= 27, n   # 30 and 15 expected
+        assert n == {"slowdown": 24, "internal_error": 21}  # exact: seed 11 and these requests
         seen[client] = got
     assert seen["s3fs"] == seen["obstore"]
+    # concurrent requests (s3fs, each round's 10 GETs at once) get the same faults: the draws follow the
+    # requests, not their arrival order
+    faults.reset()
+    got = []
+    for r in range(30):
+        assert cat(fs, "elsewhere") == b"x"
+        out = fs.cat([f"{BUCKET}/{k}" for k in keys], on_error="return", max_concurrency=1)
+        assert len(out) == 10
+        for path, v in out.items():
+            if isinstance(v, BaseException):
+                got.append((f"/{path}", next(kd for kd, exp in EXPECTED.items() if exp == s3_error(v))))
+            else:
+                assert v == datas[path.split("/", 1)[1]]
+    assert sorted(got) == sorted(seen["s3fs"]) == sorted((e["path"], e["kind"]) for e in faults.log())
     # another seed, other requests hit
     faults.reset()
     faults.set(seed=SEED + 1)
@@ -257,6 +273,7 @@ def test_mid_body_reset_is_an_incomplete_read(faults, s3):
                 got.append((f"/{BUCKET}/{key}", client, e))
     log = faults.log()
     assert [e["path"] for e in log] == [p for p, _, _ in got] and 8 <= len(got) <= 34, len(got)  # 20 expected
+    assert len(got) == 24  # exact: seed 11 and these requests
     assert faults.counters()["reset"] == len(got)
     for entry, (_, client, e) in zip(log, got):
         assert entry["kind"] == "reset" and entry["status"] == 200 and entry["where"] == "mid-body"
@@ -297,6 +314,7 @@ def test_latency_delays_exactly_the_logged_requests(faults):
     delayed = {e["path"] for e in faults.log()}
     assert all(e["kind"] == "latency" and e["delay"] == delay for e in faults.log())
     assert 2 <= len(delayed) <= 12 and faults.counters()["latency"] == len(delayed)  # 6 expected
+    assert len(delayed) == 8  # exact: seed 11 and these requests
     assert all(took[p] >= delay for p in delayed), took
     fast = sorted(t for p, t in took.items() if p not in delayed)
     assert fast[len(fast) // 2] < delay / 2, fast  # the median undelayed request
@@ -329,7 +347,7 @@ def test_blackouts_reset_or_refuse_every_connection_then_service_resumes(faults)
     port = faults.port
     for mode in ("reset", "refuse"):
         faults.reset()
-        w = faults.blackout(1.0, mode=mode)
+        w = faults.blackout(1.2, mode=mode)
         assert faults.state()["blackout"] == mode
         with socket.socket() as raw:
             raw.settimeout(5)
@@ -355,6 +373,23 @@ def test_blackouts_reset_or_refuse_every_connection_then_service_resumes(faults)
         assert c["blackout_idle"] >= 1 and c["upstream_errors"] == 0
         if mode == "reset":  # the raw socket and both clients' connections were accepted and reset
             assert c["blackout"] >= 3 and {e["kind"] for e in faults.log()} == {"blackout"}, faults.log()
+    # a request in flight (held by latency) when a blackout starts is reset, and logged as such
+    faults.reset()
+    faults.set(latency=Fault(1.0, prefix=f"/{BUCKET}/bo/slow", delay=2.0))
+    fs.pipe_file(f"{BUCKET}/bo/slow", b"s")  # PUT: delayed too, then stored
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(oget, store, "bo/slow")
+        deadline = time.monotonic() + 10
+        while faults.counters()["latency"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        faults.blackout(0.3)
+        with pytest.raises(obstore.exceptions.GenericError) as info:
+            pending.result(timeout=10)
+    assert _connect_error(info.value) == "reset", repr(info.value)
+    assert [(e["method"], e["path"], e["kind"], e.get("detail")) for e in faults.log()][-1] == (
+        "GET", f"/{BUCKET}/bo/slow", "blackout", "request in flight reset")
+    faults.clear()
+    faults.wait_serving(timeout=10)
     # scheduled: served before, failed inside, served after
     start = time.time() + 1.0
     faults.blackout(0.8, at=start, mode="reset")

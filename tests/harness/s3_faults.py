@@ -540,12 +540,25 @@ class Proxy:
                 body[0].cancel()
 
     async def _forward_one(self, req: _Request, n: int, reader, writer, up: list, cut: bool, holder: list) -> bool:
-        try:
-            ur, uw = await self._upstream(up)
-            uw.write(req.head)
-            await uw.drain()
-        except (OSError, asyncio.TimeoutError) as e:
-            return self._upstream_failed(req, n, writer, up, f"connect/send: {type(e).__name__}: {e}")
+        first = None  # a bodiless request's first response head, read here (see below)
+        for attempt in (0, 1):
+            reused = up[1] is not None
+            try:
+                ur, uw = await self._upstream(up)
+                uw.write(req.head)
+                await uw.drain()
+                if req.has_body:
+                    break
+                first = await ur.readuntil(b"\r\n\r\n")
+                break
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                # A kept-alive upstream connection the server closed while idle: a request without a body
+                # (nothing of it consumed) goes once more on a new connection, as HTTP clients do.
+                if attempt == 0 and reused and not req.has_body and not isinstance(e, asyncio.TimeoutError):
+                    _close(up[1])
+                    up[0] = up[1] = None
+                    continue
+                return self._upstream_failed(req, n, writer, up, f"connect/send: {type(e).__name__}: {e}")
         body = None
         if req.has_body:
             body = holder[0] = asyncio.ensure_future(_copy_body(reader, uw, req.chunked, req.length))
@@ -553,7 +566,7 @@ class Proxy:
         continued = False
         try:
             while True:  # interim answers (100 Continue) go back to the client as they come
-                rhead = await self._response_head(ur, body)
+                rhead, first = (first, None) if first is not None else (await self._response_head(ur, body), None)
                 if rhead is None:  # the client's body broke off (it went away): nothing to answer
                     _close(up[1])
                     up[0] = up[1] = None
