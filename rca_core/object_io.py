@@ -136,7 +136,8 @@ def summary_fields(*parts: dict | None) -> dict:
     return out
 
 
-_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "Service Unavailable", "InternalError",
+_TRANSIENT_TEXT = ("SlowDown", "Slow Down", "reduce your request rate", "ServiceUnavailable", "Service Unavailable",
+                   "InternalError", "Internal Server Error", "Bad Gateway", "Gateway Timeout",
                    "We encountered an internal error", "RequestTimeout", "Throttl", "TooManyRequests", "503", "500",
                    "502", "504", "Connection reset", "connection reset", "Connection refused", "connection refused",
                    "Broken pipe", "timed out", "Timeout", "timeout", "IncompleteRead", "incomplete", "ServerDisconnected",
@@ -147,12 +148,18 @@ _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable",
 
 def retryable(e: BaseException) -> bool:
     """Whether a request's error is worth another try: throttling, a server error, a timeout, a dropped connection.
-    "No such object", refused credentials, a failed precondition and the caller's own errors are not."""
+    "No such object", refused credentials, a failed precondition and the caller's own errors are not. The error's
+    causes count too (s3fs turns botocore's error into an OSError whose text loses the S3 error code)."""
     if isinstance(e, (FileNotFoundError, PermissionError, StorageUnavailable)) or is_not_found(e):
         return False
-    if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen and len(chain) < 8:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, (ConnectionError, TimeoutError, asyncio.TimeoutError)) for x in chain):
         return True
-    text = f"{type(e).__name__} {e}"
+    text = " ".join(f"{type(x).__name__} {x}" for x in chain)
     if any(s in text for s in ("PreconditionFailed", "pre-conditions", "AlreadyExists", "Precondition",
                                "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")):
         return False

@@ -68,11 +68,11 @@ def test_throttling_errors_and_resets_are_ridden_out_and_counted(faults, client)
     from harness.s3_faults import Fault
 
     faults.set(slowdown=0.15, internal_error=0.05, reset=Fault(0.05, methods=["GET"], cut=0.5))
+    before = object_io.STATS.snapshot()
     out = ArtifactStore(f"s3://retries/{client}").stage("cam_infer", "abc")
     out.object_fast_path = client == "obstore"
     assert (out._entries.client() is not None) == (client == "obstore")
     out.prepare(["cam"])
-    before = object_io.STATS.snapshot()
     _exercise(out)
     got = object_io.stats_since(before)
     injected = faults.counters()
