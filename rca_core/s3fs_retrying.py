@@ -1,8 +1,9 @@
 """s3fs under the project's retry policy (rca_core.object_io): the file system class behind every s3:// location of
 this process (rca_core.storage registers it with fsspec, so zarr-python's and pyarrow's S3 requests use it too).
 
-Every request s3fs makes passes `_call_s3` (listing pages included), and a whole-object read (`_cat_file`, whose
-body can be cut off after the headers) is retried as one request. s3fs's own retry loop is reduced to one try
+Every request s3fs makes passes `_call_s3` (listing pages included); a whole-object read (`_cat_file`) and a
+file's ranged read (`S3File._fetch_range`, what `open()` readers such as pyarrow's Parquet reader use), whose
+bodies can be cut off after the headers, are each retried as one request. s3fs's own retry loop is reduced to one try
 (`retries = 1`) and botocore's to one attempt (rca_core.storage.options_for), so the policy's attempts, backoff,
 deadline and counters are the only ones.
 """
@@ -37,3 +38,22 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
     async def _cat_file(self, path, *args, **kwargs):
         return await self._retrying(f"GET {path}", lambda: super(RetryingS3FileSystem, self)._cat_file(path, *args,
                                                                                                       **kwargs))
+
+    def _open(self, *args, **kwargs):
+        f = super()._open(*args, **kwargs)
+        f.__class__ = RetryingS3File  # s3fs builds its S3File; its ranged reads get the policy
+        if getattr(getattr(f, "cache", None), "fetcher", None) is not None:
+            f.cache.fetcher = f._fetch_range  # the read cache took the method when the file was made
+        return f
+
+
+class RetryingS3File(s3fs.core.S3File):
+    def _fetch_range(self, start, end):
+        if _INSIDE.get():
+            return super()._fetch_range(start, end)
+        token = _INSIDE.set(True)  # the request's own S3 call (on s3fs's loop) passes straight through
+        try:
+            return object_io.with_retries(f"GET {self.path} [{start}:{end}]",
+                                          lambda: super(RetryingS3File, self)._fetch_range(start, end))
+        finally:
+            _INSIDE.reset(token)
