@@ -22,6 +22,7 @@ import pytest
 import prefect_api
 from conftest import ROOT, write_config
 from harness.ray_cluster import IsolationUnavailable, TwoNodeCluster, check_isolation
+from harness.s3_faults import Fault, S3Faults
 from harness.s3_server import SeaweedS3
 from harness.slowdown import set_delays, slowdown_env
 
@@ -71,16 +72,21 @@ def cluster(tmp_path_factory, prefect_server):
 
     work = Path(tempfile.mkdtemp(prefix="rca-cluster-"))  # outside the hidden dirs: node 2's own Ray files
     s3 = SeaweedS3(work / "s3")
+    # every S3 request of the cluster (driver, both nodes) goes through a fault-injecting proxy, no faults until a
+    # test sets them (tests/harness/s3_faults.py)
+    faults = S3Faults(s3, seed=5, workdir=work / "faults").start()
     slow = slowdown_env(work / "slowdown")  # no delay until a test sets one (set_delays); node 2 sees the file
-    ray_cluster = TwoNodeCluster(work / "ray", hidden_dirs=hidden, head_cpus=2, node2_cpus=1, env={**s3.env, **slow})
+    ray_cluster = TwoNodeCluster(work / "ray", hidden_dirs=hidden, head_cpus=2, node2_cpus=1,
+                                 env={**faults.env, **slow})
     s3_up = _bg(s3.start)
-    saved = {k: os.environ.get(k) for k in s3.env}
+    saved = {k: os.environ.get(k) for k in faults.env}
     try:
         ray_cluster.start()
         s3_up(timeout=90)
         s3.make_bucket(BUCKET)
-        os.environ.update(s3.env)  # the driver (this process and `rca run`) reaches S3 through the env alone
-        yield SimpleNamespace(s3=s3, ray=ray_cluster, api=prefect_server, work=work, base=base, slow=slow)
+        os.environ.update(faults.env)  # the driver (this process and `rca run`) reaches S3 through the env alone
+        yield SimpleNamespace(s3=s3, ray=ray_cluster, api=prefect_server, work=work, base=base, slow=slow,
+                              faults=faults)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -93,6 +99,7 @@ def cluster(tmp_path_factory, prefect_server):
             pass
         s3_down = _bg(s3.stop)
         ray_cluster.stop()
+        faults.stop()
         s3_down(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -108,13 +115,13 @@ def cluster_config(c, path: Path, store: str, **overrides) -> Path:
 
 def rca(c, args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **c.s3.env, "PREFECT_API_URL": c.api, **(env or {})}
+    full_env = {**os.environ, **c.faults.env, "PREFECT_API_URL": c.api, **(env or {})}
     return subprocess.run([RCA, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def popen(c, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **c.s3.env, "PREFECT_API_URL": c.api, **(env or {})}
+    full_env = {**os.environ, **c.faults.env, "PREFECT_API_URL": c.api, **(env or {})}
     return subprocess.Popen([RCA, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -160,16 +167,35 @@ def _state(c) -> dict:
 
 # ---------------------------------------------------------------------------------------------- tests
 def test_end_to_end_on_s3_across_two_nodes(cluster, tmp_path_factory):
-    """configs/tiny.yaml end to end, store and data on S3, started from a directory other than the checkout:
-    per-image shards and training ranks run on both nodes; pseudo-masks byte-identical to the single-host run."""
+    """configs/tiny.yaml end to end, store and data on S3, started from a directory other than the checkout, while
+    the S3 endpoint answers 5 % of requests with 503 SlowDown and resets 1 % of the connections mid-body: per-image
+    shards and training ranks run on both nodes, every fault is ridden out (retries counted, none given up, no
+    image lost); the pseudo-masks are byte-identical to the fault-free single-host run (next test)."""
     c = cluster
     where = tmp_path_factory.mktemp("elsewhere")
-    cfg_path = cluster_config(c, where / "cfg", f"s3://{BUCKET}/run")
+    cfg_path = cluster_config(c, where / "cfg", f"s3://{BUCKET}/run",
+                              storage={"backoff_s": 0.05, "backoff_max_s": 2.0})
+    c.faults.reset()
+    c.faults.set(slowdown=0.05, reset=Fault(0.01, cut=0.5))
     t0 = time.time()
-    res = rca(c, ["run", "-c", str(cfg_path)], cwd=where / "cwd")
+    try:
+        res = rca(c, ["run", "-c", str(cfg_path)], cwd=where / "cwd")
+    finally:
+        injected = c.faults.counters()
+        c.faults.clear()
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     c.state = {"e2e_cfg": cfg_path, "e2e_seconds": time.time() - t0}
     cfg = load(cfg_path)
+    summaries = {name: stage_out(cfg, name).summary() for name in (*PER_IMAGE, *TRAINING, "cam_eval")}
+    retried = sum(s.get("storage_retries", 0) for s in summaries.values())
+    assert injected["slowdown"] >= 20 and injected["reset"] >= 2 and injected["upstream_errors"] == 0, injected
+    assert retried > 0 and all(s.get("storage_gave_up", 0) == 0 for s in summaries.values()), \
+        {n: (s.get("storage_retries"), s.get("storage_gave_up")) for n, s in summaries.items()}
+    n = cfg.data.demo.n_train
+    for name in ("memory_build", "cam_infer", "crf_labels", "random_walk"):  # no image lost
+        assert len(stage_out(cfg, name).listed_ids()) == n, name
+    print(f"faults injected {injected}; retries counted in the stage summaries {retried} (the rest: Prefect's and "
+          "the report's requests, outside any stage)")
     nodes = {c.ray.head_id, c.ray.node2_id}
     for name in PER_IMAGE:
         out = stage_out(cfg, name)
@@ -273,6 +299,49 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
     ref = stage_out(src, "random_walk")
     for i in ref.listed_ids():
         assert rw.read(i, "pseudo_mask")[0].tobytes() == ref.read(i, "pseudo_mask")[0].tobytes(), i
+
+
+def test_blackout_longer_than_the_deadline_fails_in_time_and_the_rerun_redoes_only_the_rest(cluster, tmp_path_factory):
+    """The S3 endpoint blacks out (every connection reset) for longer than storage.timeout_s in the middle of
+    random_walk: the run fails within the deadline plus a bounded margin, naming the endpoint and the last error;
+    the same command after the blackout recomputes only the images that were not finished."""
+    c = cluster
+    assert "e2e_cfg" in _state(c), "needs the end-to-end run"
+    src = load(c.state["e2e_cfg"])
+    where = tmp_path_factory.mktemp("blackout")
+    store = f"s3://{BUCKET}/blackout"
+    deadline, blackout = 8.0, 45.0
+    cfg_path = cluster_config(c, where / "cfg", store, storage={"timeout_s": deadline, "backoff_max_s": 1.0})
+    copy_stages_s3(c, src, store, ["cam_train", "memory_build", "cam_infer", "crf_labels", "affinity_train"])
+    cfg = load(cfg_path)
+    rw = stage_out(cfg, "random_walk")
+    n = cfg.data.demo.n_train
+    set_delays(c.slow, image_delay=0.5)  # the blackout lands mid-stage
+    p = popen(c, ["run", "-c", str(cfg_path), "--stage", "random_walk"], cwd=where / "cwd")
+    try:
+        _wait(lambda: (lambda d: d if 4 <= len(d) <= n - 8 else None)(
+            [i for i in (rw.listed_ids() if rw.fields else []) if rw.is_done(i)]), 300, "random_walk half way", p)
+        t_black = time.time()
+        c.faults.blackout(blackout)
+        out, _ = p.communicate(timeout=300)
+        failed_after = time.time() - t_black
+    finally:
+        set_delays(c.slow)
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+    assert p.returncode != 0, out[-3000:]
+    failure = next((ln for ln in out.splitlines() if "failed:" in ln), "")
+    assert c.faults.endpoint in failure and "last error:" in failure, out[-3000:]
+    assert failed_after < deadline + 40, f"failed {failed_after:.0f} s after the blackout began"
+    time.sleep(max(0.0, t_black + blackout + 1 - time.time()))  # the endpoint answers again
+    finished = [i for i in rw.listed_ids() if rw.is_done(i, verify=True)]
+    assert 4 <= len(finished) < n and not rw.is_complete()
+    res = rca(c, ["run", "-c", str(cfg_path), "--stage", "random_walk"], cwd=where / "cwd")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    summary = rw.summary()
+    assert summary["recomputed_images"] == n - len(finished), (summary["recomputed_images"], n, len(finished))
+    print(f"failed {failed_after:.1f} s after the blackout began (storage.timeout_s {deadline:g}): {failure}; the "
+          f"re-run recomputed {summary['recomputed_images']} of {n} images ({len(finished)} were finished)")
 
 
 def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
