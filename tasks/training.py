@@ -140,9 +140,10 @@ class TrainingStageError(RuntimeError):
     config value, a bad data file); raised at once, never restarted."""
 
 
-def lost_workers_only(e: BaseException) -> bool:
+def workers_lost(e: BaseException) -> bool:
     """Whether a failed fit lost workers or nodes (a restart resumes from the checkpoint) rather than failing in
-    the stage's own code (a restart would fail the same way)."""
+    the stage's own code (a restart would fail the same way). One lost worker is enough: the surviving ranks then
+    fail too, with collateral errors of the collective (a connection closed by the peer)."""
     import ray.train
 
     if isinstance(e, getattr(ray.train, "PreemptionError", ())):
@@ -150,7 +151,7 @@ def lost_workers_only(e: BaseException) -> bool:
     failures = getattr(e, "worker_failures", None)
     if not failures:
         return actor_pool.actor_lost(e)
-    return all(actor_pool.actor_lost(f) or actor_pool.actor_lost(getattr(f, "__cause__", None) or f)
+    return any(actor_pool.actor_lost(f) or actor_pool.actor_lost(getattr(f, "__cause__", None) or f)
                for f in failures.values())
 
 
@@ -163,7 +164,7 @@ def _fit_restarting_lost(name: str, cfg: RunConfig, make_trainer) -> None:
             make_trainer().fit()
             return
         except Exception as e:  # noqa: BLE001
-            if not lost_workers_only(e):
+            if not workers_lost(e):
                 rank, err = next(iter((getattr(e, "worker_failures", None) or {None: e}).items()))
                 where = f" on rank {rank}" if rank is not None else ""
                 first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
