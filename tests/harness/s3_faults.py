@@ -598,14 +598,21 @@ class Proxy:
             if body is not None:
                 body.cancel()
             return await self._cut(req, n, status, rhead, chunked or until_close, length, ur, writer, up)
-        writer.write(rhead)
         try:
             if until_close:
+                writer.write(rhead)
                 while data := await ur.read(_BUF):
                     writer.write(data)
                     await writer.drain()
-            else:
-                await _copy_body(ur, writer, chunked, length)
+            elif chunked:
+                writer.write(rhead)
+                await _copy_chunked(ur, writer)
+            else:  # the head with the body's first piece: one send (and one segment) for a small answer
+                first = await ur.read(min(length, _BUF)) if length else b""
+                if length and not first:
+                    raise asyncio.IncompleteReadError(b"", length)
+                writer.write(rhead + first)
+                await _copy_n(ur, writer, length - len(first))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             if body is not None:
