@@ -236,8 +236,9 @@ def test_slowdown_and_internal_error_reach_both_clients_at_the_seeded_rates(faul
         faults.set(seed=SEED)
 
 
-def test_limit_fails_exactly_the_first_requests(faults):
-    """`limit`: rate 1 with limit 2 fails the first two matching requests and none after."""
+def test_limit_and_query_filters(faults):
+    """`limit`: rate 1 with limit 2 fails the first two matching requests and none after. `query`: a rule for
+    listings ("list-type=") fails listings and no object GET."""
     fs = s3fs_client(faults.endpoint)
     fs.pipe_file(f"{BUCKET}/limit/a", b"a")
     faults.set(internal_error=Fault(1.0, methods=["GET"], prefix=f"/{BUCKET}/limit/", limit=2))
@@ -248,6 +249,14 @@ def test_limit_fails_exactly_the_first_requests(faults):
         except OSError as e:
             outcomes.append(s3_error(e))
     assert outcomes == [("InternalError", 500)] * 2 + [b"a"] * 3
+    faults.clear()
+    faults.reset()
+    faults.set(slowdown=Fault(1.0, methods=["GET"], query="list-type="))
+    assert cat(fs, "limit/a") == b"a"
+    with pytest.raises(OSError) as info:
+        fs.ls(f"{BUCKET}/limit", refresh=True)
+    assert s3_error(info.value) == ("SlowDown", 503)
+    assert [(e["method"], e["path"]) for e in faults.log()] == [("GET", f"/{BUCKET}")]
 
 
 def test_mid_body_reset_is_an_incomplete_read(faults, s3):

@@ -17,7 +17,8 @@ network throw at a run.
 
 Design: the proxy is its own process (this file run as a script: stdlib asyncio only, so any interpreter can
 run it), listening on a free port of 127.0.0.1, with a small JSON control API on a second port. `S3Faults`
-starts and stops that process (a context manager, every wait bounded); `FaultControl(url)` is the control
+starts and stops that process (a context manager, every wait bounded; the proxy also stops by itself when
+the process that started it is gone); `FaultControl(url)` is the control
 client alone, usable from any process on the machine: a subprocess, a Ray worker on either node of a local
 two-node cluster, `rca run` (it finds the URL in the environment variable RCA_TEST_S3_FAULTS that `env`
 hands out: `FaultControl.from_env()`). The control port is never blacked out.
@@ -48,8 +49,9 @@ kinds whose filter matches split it in that order (u < r_slowdown: slowdown; < r
 internal_error; ...). Latency draws its own u. Each draw is a hash of (seed, method, decoded URL path, how
 many requests with that method and path came before), not of arrival order: the same requests with the same
 seed get the same faults however concurrent clients interleave. Per kind, the filters `methods` (e.g. ["GET"]),
-`prefix` (the decoded URL path, "/bucket/key...", starts with it) and `limit` (at most this many of the kind
-until the next `reset()`).
+`prefix` (the decoded URL path, "/bucket/key...", starts with it; a listing's path is "/bucket"), `query` (a
+substring of the raw query string: "list-type=" picks listings, "uploadId=" multipart parts) and `limit` (at
+most this many of the kind until the next `reset()`).
 
 Blackout, `blackout(seconds, at=None, mode="reset")`: for the window (from now, or from the wall-clock time
 `at`) every open client connection is aborted at its start with a TCP reset, and (mode "reset") every new
@@ -107,14 +109,16 @@ _ERRORS = {  # kind: (status, reason, S3 code, message): the texts real S3 sends
 @dataclasses.dataclass
 class Fault:
     """One kind's setting: `rate` (fraction of the matching requests), filters `methods` (None: all),
-    `prefix` (of the decoded URL path "/bucket/key"; None: all), `limit` (at most this many injections until
-    `reset()`; None: no limit), `delay` (seconds, latency only), `cut` (fraction of the body sent before a
-    reset)."""
+    `prefix` (of the decoded URL path "/bucket/key"; a listing's path is "/bucket"; None: all), `query` (a
+    substring of the raw query string, e.g. "list-type=" for listings, "uploadId=" for multipart requests; None:
+    all), `limit` (at most this many injections until `reset()`; None: no limit), `delay` (seconds, latency
+    only), `cut` (fraction of the body sent before a reset)."""
 
     rate: float = 0.0
     methods: list[str] | None = None
     prefix: str | None = None
     limit: int | None = None
+    query: str | None = None
     delay: float = 0.0
     cut: float = 0.5
 
@@ -129,9 +133,10 @@ class Fault:
         if self.methods is not None:
             self.methods = sorted({str(m).upper() for m in self.methods})
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, query: str = "") -> bool:
         return (self.rate > 0 and (self.methods is None or method in self.methods)
-                and (self.prefix is None or path.startswith(self.prefix)))
+                and (self.prefix is None or path.startswith(self.prefix))
+                and (self.query is None or self.query in query))
 
 
 def _as_fault(value: Any) -> Fault:
@@ -162,7 +167,7 @@ class _Sink:
 
 
 class _Request:
-    __slots__ = ("head", "method", "target", "path", "headers", "length", "chunked", "expect", "close")
+    __slots__ = ("head", "method", "target", "path", "query", "headers", "length", "chunked", "expect", "close")
 
     def __init__(self, head: bytes):
         self.head = head
@@ -172,7 +177,8 @@ class _Request:
             raise ValueError(f"bad request line {lines[0][:200]!r}")
         self.method, self.target, version = parts
         self.headers = _headers(lines[1:])
-        self.path = urllib.parse.unquote(urllib.parse.urlsplit(self.target).path)
+        url = urllib.parse.urlsplit(self.target)
+        self.path, self.query = urllib.parse.unquote(url.path), url.query
         te = self.headers.get("transfer-encoding", "").lower()
         self.chunked = "chunked" in te
         self.length = 0 if self.chunked else int(self.headers.get("content-length", "0") or 0)
@@ -323,7 +329,7 @@ class Proxy:
         self.log.append({"n": n, "t": time.time(), "method": req.method if req else None,
                          "path": req.path if req else None, "kind": kind, **detail})
 
-    def decide(self, method: str, path: str) -> tuple[str | None, float]:
+    def decide(self, method: str, path: str, query: str = "") -> tuple[str | None, float]:
         """(error kind or None, latency delay) for the next request with this method and decoded path."""
         k = self.seen.get((method, path), 0)
         self.seen[(method, path)] = k + 1
@@ -331,7 +337,7 @@ class Proxy:
         u, edge = draw(self.seed, "error", method, path, k), 0.0
         for kind in ERROR_KINDS:
             rule = self.rules[kind]
-            if not rule.matches(method, path):
+            if not rule.matches(method, path, query):
                 continue
             edge += rule.rate
             if u < edge:
@@ -340,7 +346,7 @@ class Proxy:
                 break
         delay = 0.0
         lat = self.rules["latency"]
-        if (lat.matches(method, path) and lat.delay > 0 and draw(self.seed, "latency", method, path, k) < lat.rate
+        if (lat.matches(method, path, query) and lat.delay > 0 and draw(self.seed, "latency", method, path, k) < lat.rate
                 and (lat.limit is None or self.counters["latency"] < lat.limit)):
             delay = lat.delay
         return action, delay
@@ -490,7 +496,7 @@ class Proxy:
                 self._record("blackout", req, n, detail="request reset")
                 _rst(writer)
                 return
-            action, delay = self.decide(req.method, req.path)
+            action, delay = self.decide(req.method, req.path, req.query)
             if delay:
                 self._record("latency", req, n, delay=delay)
                 await asyncio.sleep(delay)
@@ -759,8 +765,20 @@ async def _main(args) -> None:
     tmp.replace(ready)  # whole, or not there
     print(f"s3-faults: 127.0.0.1:{proxy.port} -> {args.upstream}, control 127.0.0.1:{proxy.control_port}",
           flush=True)
+    if args.parent_pid:  # the starter gone (killed with -9, say): stop rather than linger
+        async def watch():
+            while not proxy.stopped.is_set():
+                if os.getppid() != args.parent_pid:
+                    print("s3-faults: parent gone, stopping", flush=True)
+                    await proxy.stop()
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.ensure_future(watch())
     await proxy.stopped.wait()
     await asyncio.sleep(0.05)
+    if args.parent_pid:
+        watcher.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -771,6 +789,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rules", default="", help='JSON {kind: rate or {"rate": ..., ...}}')
     p.add_argument("--port", type=int, default=0, help="0: a free port of 20000-32767")
     p.add_argument("--control-port", type=int, default=0)
+    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process is no longer the parent")
     asyncio.run(_main(p.parse_args(argv)))
 
 
@@ -895,7 +914,8 @@ class S3Faults(FaultControl):
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"ready-{uuid.uuid4().hex[:8]}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--upstream", self.upstream_endpoint,
-               "--ready-file", str(ready), "--seed", str(self.seed), "--rules", json.dumps(self.rules)]
+               "--ready-file", str(ready), "--seed", str(self.seed), "--rules", json.dumps(self.rules),
+               "--parent-pid", str(os.getpid())]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, cwd=self.workdir)
