@@ -97,6 +97,7 @@ KINDS = (*ERROR_KINDS, "latency")
 CONTROL_ENV = "RCA_TEST_S3_FAULTS"  # the control URL, in the env `S3Faults.env` hands out
 LOG_CAP = 200_000                   # log entries kept (the counters go on counting)
 _BUF = 256 * 1024
+_SMALL_BODY = 64 * 1024             # request bodies up to this size go to the upstream with their head
 _LINE_LIMIT = 1 << 20               # longest request/response head and chunk-size line accepted
 
 _ERRORS = {  # kind: (status, reason, S3 code, message): the texts real S3 sends
@@ -546,27 +547,33 @@ class Proxy:
                 body[0].cancel()
 
     async def _forward_one(self, req: _Request, n: int, reader, writer, up: list, cut: bool, holder: list) -> bool:
-        first = None  # a bodiless request's first response head, read here (see below)
+        # A small body that is not waiting for 100 Continue is read first and sent with the head (one send);
+        # a larger one, a chunked one or one behind `Expect: 100-continue` is streamed by a task of its own.
+        pre = b""
+        if not req.chunked and not req.expect and 0 < req.length <= _SMALL_BODY:
+            pre = await reader.readexactly(req.length)
+        streamed = req.has_body and not pre
+        first = None  # the first response head, read here unless the body is streamed
         for attempt in (0, 1):
             reused = up[1] is not None
             try:
                 ur, uw = await self._upstream(up)
-                uw.write(req.head)
+                uw.write(req.head + pre)
                 await uw.drain()
-                if req.has_body:
+                if streamed:
                     break
                 first = await ur.readuntil(b"\r\n\r\n")
                 break
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-                # A kept-alive upstream connection the server closed while idle: a request without a body
-                # (nothing of it consumed) goes once more on a new connection, as HTTP clients do.
-                if attempt == 0 and reused and not req.has_body and not isinstance(e, asyncio.TimeoutError):
+                # A kept-alive upstream connection the server closed while idle: a request whose bytes are all
+                # in hand goes once more on a new connection, as HTTP clients do.
+                if attempt == 0 and reused and not streamed and not isinstance(e, asyncio.TimeoutError):
                     _close(up[1])
                     up[0] = up[1] = None
                     continue
                 return self._upstream_failed(req, n, writer, up, f"connect/send: {type(e).__name__}: {e}")
         body = None
-        if req.has_body:
+        if streamed:
             body = holder[0] = asyncio.ensure_future(_copy_body(reader, uw, req.chunked, req.length))
             body.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved"
         continued = False
