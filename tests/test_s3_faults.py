@@ -456,3 +456,69 @@ def test_another_process_reaches_s3_and_controls_the_proxy_through_its_env(fault
     assert faults.state()["rules"]["slowdown"]["prefix"] == "/faults/child/denied"
     # and a second control client (any process: the URL is all it needs) sees the same proxy
     assert FaultControl.from_env(faults.env).counters() == faults.counters()
+
+
+def test_chunked_and_until_close_responses_pass_through_verbatim(tmp_path):
+    """SeaweedFS answers every S3 request with a Content-Length (measured: objects, ranges, gzip-able types,
+    listings, uploads, versions), where real S3 sends listings chunked: so the proxy's chunked and read-until-close
+    response paths are checked against a plain HTTP/1.1 server of the standard library on 127.0.0.1. Chunk framing
+    and trailers arrive byte for byte, the connection stays usable after a chunked answer, an answer without
+    length ends with the connection, and a cut chunked answer is an incomplete read."""
+    import http.server
+    import threading
+
+    parts = [b"<ListBucketResult>", os.urandom(5000), b"x" * 70_000, b"</ListBucketResult>"]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-Trailer: t\r\n\r\n"
+    plain = os.urandom(100_000)
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(framed)
+            else:  # no length: the body ends with the connection
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(plain)
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with S3Faults(f"http://127.0.0.1:{server.server_address[1]}", workdir=tmp_path / "faults") as faults:
+            with socket.create_connection(("127.0.0.1", faults.port), timeout=10) as raw:
+                for _ in range(2):  # twice on one connection
+                    raw.sendall(b"GET /chunked HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    got = b""
+                    while not got.endswith(framed):
+                        data = raw.recv(65536)
+                        assert data, got[-200:]
+                        got += data
+                    head, _, body = got.partition(b"\r\n\r\n")
+                    assert b"Transfer-Encoding: chunked" in head and body == framed
+            conn = http.client.HTTPConnection("127.0.0.1", faults.port, timeout=10)
+            conn.request("GET", "/plain")
+            resp = conn.getresponse()
+            assert resp.getheader("Content-Length") is None and resp.read() == plain
+            conn.close()
+            c = faults.counters()
+            assert c["chunked_responses"] == 2 and c["requests"] == 3 and c["connections"] == 2, c
+            faults.set(reset=Fault(1.0, cut=0.5))
+            conn = http.client.HTTPConnection("127.0.0.1", faults.port, timeout=10)
+            conn.request("GET", "/chunked")
+            with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+                conn.getresponse().read()
+            conn.close()
+            assert [(e["path"], e["where"]) for e in faults.log()] == [("/chunked", "mid-body")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
