@@ -25,11 +25,17 @@ hands out: `FaultControl.from_env()`). The control port is never blacked out.
 
 What it forwards: every request as it came, byte for byte (request line, headers in order, Host included:
 SigV4 signs the Host the client used, and the upstream server checks it), the body streamed by its framing
-(Content-Length, or chunked: chunks and trailers copied as they are), `Expect: 100-continue` (the client's body
-is copied once it comes, the upstream's interim 100 is passed back), the response likewise (Content-Length,
-chunked, or until close; HEAD, 1xx, 204 and 304 without a body). Each client connection gets one upstream
-connection of its own (opened at its first forwarded request, reopened when the upstream closed it), so the
-client's keep-alive is kept, and a connection closes when either side asks for `Connection: close`.
+(Content-Length, or chunked: chunks and trailers copied as they are; a body of up to 64 KiB not waiting for
+100 Continue is read first and sent with its head), `Expect: 100-continue` (the client's body is copied once
+it comes, the upstream's interim 100 is passed back), the response likewise (Content-Length, chunked, or until
+close; HEAD, 1xx, 204 and 304 without a body). Each client connection gets one upstream connection of its own
+(opened at its first forwarded request, reopened when the upstream closed it; a request whose bytes are all
+in hand is sent once more when a kept upstream connection turns out closed), so the client's keep-alive is
+kept, and a connection closes when either side asks for `Connection: close`. Not handled: HTTPS, HTTP/2,
+protocol upgrades (S3 clients on an http:// endpoint use none of them).
+
+Cost, measured on a shared 2-core machine against SeaweedFS: ~0.2 ms of proxy CPU per small request;
+sequential 1 KB GETs through obstore 1004/s through the proxy vs 1462/s direct, 16 MB GETs 570 vs 838 MB/s.
 
 What it injects, per request, at set rates (fractions of requests):
 - "slowdown": 503 Slow Down with S3's XML error (`<Error><Code>SlowDown</Code><Message>Please reduce your
@@ -110,18 +116,18 @@ _ERRORS = {  # kind: (status, reason, S3 code, message): the texts real S3 sends
 @dataclasses.dataclass
 class Fault:
     """One kind's setting: `rate` (fraction of the matching requests), filters `methods` (None: all),
-    `prefix` (of the decoded URL path "/bucket/key"; a listing's path is "/bucket"; None: all), `query` (a
-    substring of the raw query string, e.g. "list-type=" for listings, "uploadId=" for multipart requests; None:
-    all), `limit` (at most this many injections until `reset()`; None: no limit), `delay` (seconds, latency
-    only), `cut` (fraction of the body sent before a reset)."""
+    `prefix` (of the decoded URL path "/bucket/key"; a listing's path is "/bucket"; None: all), `limit` (at
+    most this many injections until `reset()`; None: no limit), `delay` (seconds, latency only), `cut`
+    (fraction of the body sent before a reset), `query` (a substring of the raw query string, e.g.
+    "list-type=" for listings, "uploadId=" for multipart requests; None: all)."""
 
     rate: float = 0.0
     methods: list[str] | None = None
     prefix: str | None = None
     limit: int | None = None
-    query: str | None = None
     delay: float = 0.0
     cut: float = 0.5
+    query: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= float(self.rate) <= 1.0:
@@ -347,7 +353,8 @@ class Proxy:
                 break
         delay = 0.0
         lat = self.rules["latency"]
-        if (lat.matches(method, path, query) and lat.delay > 0 and draw(self.seed, "latency", method, path, k) < lat.rate
+        if (lat.matches(method, path, query) and lat.delay > 0
+                and draw(self.seed, "latency", method, path, k) < lat.rate
                 and (lat.limit is None or self.counters["latency"] < lat.limit)):
             delay = lat.delay
         return action, delay
