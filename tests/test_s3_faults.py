@@ -5,6 +5,7 @@ like real S3's (or a real network's), at the seeded rate, and the proxy's counte
 clients saw."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime
 import http.client
@@ -208,19 +209,31 @@ def test_slowdown_and_internal_error_reach_both_clients_at_the_seeded_rates(faul
         assert n == {"slowdown": 24, "internal_error": 21}  # exact: seed 11 and these requests
         seen[client] = got
     assert seen["s3fs"] == seen["obstore"]
-    # concurrent requests (s3fs, each round's 10 GETs at once) get the same faults: the draws follow the
-    # requests, not their arrival order
+    # concurrent requests (each round's 10 GETs at once, obstore's async API) get the same faults: the draws
+    # follow the requests, not their arrival order
     faults.reset()
+
+    async def one(key):
+        try:
+            return bytes(await (await obstore.get_async(store, key)).bytes_async())
+        except obstore.exceptions.BaseError as e:
+            return e
+
+    async def rounds():
+        out = []
+        for r in range(30):
+            assert await one("elsewhere") == b"x"
+            out.append(await asyncio.gather(*(one(k) for k in keys)))
+        return out
+
     got = []
-    for r in range(30):
-        assert cat(fs, "elsewhere") == b"x"
-        out = fs.cat([f"{BUCKET}/{k}" for k in keys], on_error="return", max_concurrency=1)
-        assert len(out) == 10
-        for path, v in out.items():
+    for answers in asyncio.run(rounds()):
+        for k, v in zip(keys, answers):
             if isinstance(v, BaseException):
-                got.append((f"/{path}", next(kd for kd, exp in EXPECTED.items() if exp == s3_error(v))))
+                got.append((f"/{BUCKET}/{k}", next(kd for kd, exp in EXPECTED.items() if exp == s3_error(v))))
             else:
-                assert v == datas[path.split("/", 1)[1]]
+                assert v == datas[k]
+    assert faults.counters()["connections"] > 1  # the GETs did run side by side
     assert sorted(got) == sorted(seen["s3fs"]) == sorted((e["path"], e["kind"]) for e in faults.log())
     # another seed, other requests hit
     faults.reset()
@@ -236,8 +249,9 @@ def test_slowdown_and_internal_error_reach_both_clients_at_the_seeded_rates(faul
         faults.set(seed=SEED)
 
 
-def test_limit_fails_exactly_the_first_requests(faults):
-    """`limit`: rate 1 with limit 2 fails the first two matching requests and none after."""
+def test_limit_and_query_filters(faults):
+    """`limit`: rate 1 with limit 2 fails the first two matching requests and none after. `query`: a rule for
+    listings ("list-type=") fails listings and no object GET."""
     fs = s3fs_client(faults.endpoint)
     fs.pipe_file(f"{BUCKET}/limit/a", b"a")
     faults.set(internal_error=Fault(1.0, methods=["GET"], prefix=f"/{BUCKET}/limit/", limit=2))
@@ -248,6 +262,14 @@ def test_limit_fails_exactly_the_first_requests(faults):
         except OSError as e:
             outcomes.append(s3_error(e))
     assert outcomes == [("InternalError", 500)] * 2 + [b"a"] * 3
+    faults.clear()
+    faults.reset()
+    faults.set(slowdown=Fault(1.0, methods=["GET"], query="list-type="))
+    assert cat(fs, "limit/a") == b"a"
+    with pytest.raises(OSError) as info:
+        fs.ls(f"{BUCKET}/limit", refresh=True)
+    assert s3_error(info.value) == ("SlowDown", 503)
+    assert [(e["method"], e["path"]) for e in faults.log()] == [("GET", f"/{BUCKET}")]
 
 
 def test_mid_body_reset_is_an_incomplete_read(faults, s3):
@@ -447,3 +469,69 @@ def test_another_process_reaches_s3_and_controls_the_proxy_through_its_env(fault
     assert faults.state()["rules"]["slowdown"]["prefix"] == "/faults/child/denied"
     # and a second control client (any process: the URL is all it needs) sees the same proxy
     assert FaultControl.from_env(faults.env).counters() == faults.counters()
+
+
+def test_chunked_and_until_close_responses_pass_through_verbatim(tmp_path):
+    """SeaweedFS answers every S3 request with a Content-Length (measured: objects, ranges, gzip-able types,
+    listings, uploads, versions), where real S3 sends listings chunked: so the proxy's chunked and read-until-close
+    response paths are checked against a plain HTTP/1.1 server of the standard library on 127.0.0.1. Chunk framing
+    and trailers arrive byte for byte, the connection stays usable after a chunked answer, an answer without
+    length ends with the connection, and a cut chunked answer is an incomplete read."""
+    import http.server
+    import threading
+
+    parts = [b"<ListBucketResult>", os.urandom(5000), b"x" * 70_000, b"</ListBucketResult>"]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-Trailer: t\r\n\r\n"
+    plain = os.urandom(100_000)
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(framed)
+            else:  # no length: the body ends with the connection
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(plain)
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with S3Faults(f"http://127.0.0.1:{server.server_address[1]}", workdir=tmp_path / "faults") as faults:
+            with socket.create_connection(("127.0.0.1", faults.port), timeout=10) as raw:
+                for _ in range(2):  # twice on one connection
+                    raw.sendall(b"GET /chunked HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    got = b""
+                    while not got.endswith(framed):
+                        data = raw.recv(65536)
+                        assert data, got[-200:]
+                        got += data
+                    head, _, body = got.partition(b"\r\n\r\n")
+                    assert b"Transfer-Encoding: chunked" in head and body == framed
+            conn = http.client.HTTPConnection("127.0.0.1", faults.port, timeout=10)
+            conn.request("GET", "/plain")
+            resp = conn.getresponse()
+            assert resp.getheader("Content-Length") is None and resp.read() == plain
+            conn.close()
+            c = faults.counters()
+            assert c["chunked_responses"] == 2 and c["requests"] == 3 and c["connections"] == 2, c
+            faults.set(reset=Fault(1.0, cut=0.5))
+            conn = http.client.HTTPConnection("127.0.0.1", faults.port, timeout=10)
+            conn.request("GET", "/chunked")
+            with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+                conn.getresponse().read()
+            conn.close()
+            assert [(e["path"], e["where"]) for e in faults.log()] == [("/chunked", "mid-body")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

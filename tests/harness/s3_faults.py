@@ -17,18 +17,25 @@ network throw at a run.
 
 Design: the proxy is its own process (this file run as a script: stdlib asyncio only, so any interpreter can
 run it), listening on a free port of 127.0.0.1, with a small JSON control API on a second port. `S3Faults`
-starts and stops that process (a context manager, every wait bounded); `FaultControl(url)` is the control
+starts and stops that process (a context manager, every wait bounded; the proxy also stops by itself when
+the process that started it is gone); `FaultControl(url)` is the control
 client alone, usable from any process on the machine: a subprocess, a Ray worker on either node of a local
 two-node cluster, `rca run` (it finds the URL in the environment variable RCA_TEST_S3_FAULTS that `env`
 hands out: `FaultControl.from_env()`). The control port is never blacked out.
 
 What it forwards: every request as it came, byte for byte (request line, headers in order, Host included:
 SigV4 signs the Host the client used, and the upstream server checks it), the body streamed by its framing
-(Content-Length, or chunked: chunks and trailers copied as they are), `Expect: 100-continue` (the client's body
-is copied once it comes, the upstream's interim 100 is passed back), the response likewise (Content-Length,
-chunked, or until close; HEAD, 1xx, 204 and 304 without a body). Each client connection gets one upstream
-connection of its own (opened at its first forwarded request, reopened when the upstream closed it), so the
-client's keep-alive is kept, and a connection closes when either side asks for `Connection: close`.
+(Content-Length, or chunked: chunks and trailers copied as they are; a body of up to 64 KiB not waiting for
+100 Continue is read first and sent with its head), `Expect: 100-continue` (the client's body is copied once
+it comes, the upstream's interim 100 is passed back), the response likewise (Content-Length, chunked, or until
+close; HEAD, 1xx, 204 and 304 without a body). Each client connection gets one upstream connection of its own
+(opened at its first forwarded request, reopened when the upstream closed it; a request whose bytes are all
+in hand is sent once more when a kept upstream connection turns out closed), so the client's keep-alive is
+kept, and a connection closes when either side asks for `Connection: close`. Not handled: HTTPS, HTTP/2,
+protocol upgrades (S3 clients on an http:// endpoint use none of them).
+
+Cost, measured on a shared 2-core machine against SeaweedFS: ~0.2 ms of proxy CPU per small request;
+sequential 1 KB GETs through obstore 1004/s through the proxy vs 1462/s direct, 16 MB GETs 570 vs 838 MB/s.
 
 What it injects, per request, at set rates (fractions of requests):
 - "slowdown": 503 Slow Down with S3's XML error (`<Error><Code>SlowDown</Code><Message>Please reduce your
@@ -48,8 +55,9 @@ kinds whose filter matches split it in that order (u < r_slowdown: slowdown; < r
 internal_error; ...). Latency draws its own u. Each draw is a hash of (seed, method, decoded URL path, how
 many requests with that method and path came before), not of arrival order: the same requests with the same
 seed get the same faults however concurrent clients interleave. Per kind, the filters `methods` (e.g. ["GET"]),
-`prefix` (the decoded URL path, "/bucket/key...", starts with it) and `limit` (at most this many of the kind
-until the next `reset()`).
+`prefix` (the decoded URL path, "/bucket/key...", starts with it; a listing's path is "/bucket"), `query` (a
+substring of the raw query string: "list-type=" picks listings, "uploadId=" multipart parts) and `limit` (at
+most this many of the kind until the next `reset()`).
 
 Blackout, `blackout(seconds, at=None, mode="reset")`: for the window (from now, or from the wall-clock time
 `at`) every open client connection is aborted at its start with a TCP reset, and (mode "reset") every new
@@ -95,6 +103,7 @@ KINDS = (*ERROR_KINDS, "latency")
 CONTROL_ENV = "RCA_TEST_S3_FAULTS"  # the control URL, in the env `S3Faults.env` hands out
 LOG_CAP = 200_000                   # log entries kept (the counters go on counting)
 _BUF = 256 * 1024
+_SMALL_BODY = 64 * 1024             # request bodies up to this size go to the upstream with their head
 _LINE_LIMIT = 1 << 20               # longest request/response head and chunk-size line accepted
 
 _ERRORS = {  # kind: (status, reason, S3 code, message): the texts real S3 sends
@@ -107,9 +116,10 @@ _ERRORS = {  # kind: (status, reason, S3 code, message): the texts real S3 sends
 @dataclasses.dataclass
 class Fault:
     """One kind's setting: `rate` (fraction of the matching requests), filters `methods` (None: all),
-    `prefix` (of the decoded URL path "/bucket/key"; None: all), `limit` (at most this many injections until
-    `reset()`; None: no limit), `delay` (seconds, latency only), `cut` (fraction of the body sent before a
-    reset)."""
+    `prefix` (of the decoded URL path "/bucket/key"; a listing's path is "/bucket"; None: all), `limit` (at
+    most this many injections until `reset()`; None: no limit), `delay` (seconds, latency only), `cut`
+    (fraction of the body sent before a reset), `query` (a substring of the raw query string, e.g.
+    "list-type=" for listings, "uploadId=" for multipart requests; None: all)."""
 
     rate: float = 0.0
     methods: list[str] | None = None
@@ -117,6 +127,7 @@ class Fault:
     limit: int | None = None
     delay: float = 0.0
     cut: float = 0.5
+    query: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= float(self.rate) <= 1.0:
@@ -129,9 +140,10 @@ class Fault:
         if self.methods is not None:
             self.methods = sorted({str(m).upper() for m in self.methods})
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, query: str = "") -> bool:
         return (self.rate > 0 and (self.methods is None or method in self.methods)
-                and (self.prefix is None or path.startswith(self.prefix)))
+                and (self.prefix is None or path.startswith(self.prefix))
+                and (self.query is None or self.query in query))
 
 
 def _as_fault(value: Any) -> Fault:
@@ -162,7 +174,7 @@ class _Sink:
 
 
 class _Request:
-    __slots__ = ("head", "method", "target", "path", "headers", "length", "chunked", "expect", "close")
+    __slots__ = ("head", "method", "target", "path", "query", "headers", "length", "chunked", "expect", "close")
 
     def __init__(self, head: bytes):
         self.head = head
@@ -172,7 +184,8 @@ class _Request:
             raise ValueError(f"bad request line {lines[0][:200]!r}")
         self.method, self.target, version = parts
         self.headers = _headers(lines[1:])
-        self.path = urllib.parse.unquote(urllib.parse.urlsplit(self.target).path)
+        url = urllib.parse.urlsplit(self.target)
+        self.path, self.query = urllib.parse.unquote(url.path), url.query
         te = self.headers.get("transfer-encoding", "").lower()
         self.chunked = "chunked" in te
         self.length = 0 if self.chunked else int(self.headers.get("content-length", "0") or 0)
@@ -323,7 +336,7 @@ class Proxy:
         self.log.append({"n": n, "t": time.time(), "method": req.method if req else None,
                          "path": req.path if req else None, "kind": kind, **detail})
 
-    def decide(self, method: str, path: str) -> tuple[str | None, float]:
+    def decide(self, method: str, path: str, query: str = "") -> tuple[str | None, float]:
         """(error kind or None, latency delay) for the next request with this method and decoded path."""
         k = self.seen.get((method, path), 0)
         self.seen[(method, path)] = k + 1
@@ -331,7 +344,7 @@ class Proxy:
         u, edge = draw(self.seed, "error", method, path, k), 0.0
         for kind in ERROR_KINDS:
             rule = self.rules[kind]
-            if not rule.matches(method, path):
+            if not rule.matches(method, path, query):
                 continue
             edge += rule.rate
             if u < edge:
@@ -340,7 +353,8 @@ class Proxy:
                 break
         delay = 0.0
         lat = self.rules["latency"]
-        if (lat.matches(method, path) and lat.delay > 0 and draw(self.seed, "latency", method, path, k) < lat.rate
+        if (lat.matches(method, path, query) and lat.delay > 0
+                and draw(self.seed, "latency", method, path, k) < lat.rate
                 and (lat.limit is None or self.counters["latency"] < lat.limit)):
             delay = lat.delay
         return action, delay
@@ -490,7 +504,7 @@ class Proxy:
                 self._record("blackout", req, n, detail="request reset")
                 _rst(writer)
                 return
-            action, delay = self.decide(req.method, req.path)
+            action, delay = self.decide(req.method, req.path, req.query)
             if delay:
                 self._record("latency", req, n, delay=delay)
                 await asyncio.sleep(delay)
@@ -540,27 +554,33 @@ class Proxy:
                 body[0].cancel()
 
     async def _forward_one(self, req: _Request, n: int, reader, writer, up: list, cut: bool, holder: list) -> bool:
-        first = None  # a bodiless request's first response head, read here (see below)
+        # A small body that is not waiting for 100 Continue is read first and sent with the head (one send);
+        # a larger one, a chunked one or one behind `Expect: 100-continue` is streamed by a task of its own.
+        pre = b""
+        if not req.chunked and not req.expect and 0 < req.length <= _SMALL_BODY:
+            pre = await reader.readexactly(req.length)
+        streamed = req.has_body and not pre
+        first = None  # the first response head, read here unless the body is streamed
         for attempt in (0, 1):
             reused = up[1] is not None
             try:
                 ur, uw = await self._upstream(up)
-                uw.write(req.head)
+                uw.write(req.head + pre)
                 await uw.drain()
-                if req.has_body:
+                if streamed:
                     break
                 first = await ur.readuntil(b"\r\n\r\n")
                 break
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-                # A kept-alive upstream connection the server closed while idle: a request without a body
-                # (nothing of it consumed) goes once more on a new connection, as HTTP clients do.
-                if attempt == 0 and reused and not req.has_body and not isinstance(e, asyncio.TimeoutError):
+                # A kept-alive upstream connection the server closed while idle: a request whose bytes are all
+                # in hand goes once more on a new connection, as HTTP clients do.
+                if attempt == 0 and reused and not streamed and not isinstance(e, asyncio.TimeoutError):
                     _close(up[1])
                     up[0] = up[1] = None
                     continue
                 return self._upstream_failed(req, n, writer, up, f"connect/send: {type(e).__name__}: {e}")
         body = None
-        if req.has_body:
+        if streamed:
             body = holder[0] = asyncio.ensure_future(_copy_body(reader, uw, req.chunked, req.length))
             body.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved"
         continued = False
@@ -598,14 +618,21 @@ class Proxy:
             if body is not None:
                 body.cancel()
             return await self._cut(req, n, status, rhead, chunked or until_close, length, ur, writer, up)
-        writer.write(rhead)
         try:
             if until_close:
+                writer.write(rhead)
                 while data := await ur.read(_BUF):
                     writer.write(data)
                     await writer.drain()
-            else:
-                await _copy_body(ur, writer, chunked, length)
+            elif chunked:
+                writer.write(rhead)
+                await _copy_chunked(ur, writer)
+            else:  # the head with the body's first piece: one send (and one segment) for a small answer
+                first = await ur.read(min(length, _BUF)) if length else b""
+                if length and not first:
+                    raise asyncio.IncompleteReadError(b"", length)
+                writer.write(rhead + first)
+                await _copy_n(ur, writer, length - len(first))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             if body is not None:
@@ -752,8 +779,20 @@ async def _main(args) -> None:
     tmp.replace(ready)  # whole, or not there
     print(f"s3-faults: 127.0.0.1:{proxy.port} -> {args.upstream}, control 127.0.0.1:{proxy.control_port}",
           flush=True)
+    if args.parent_pid:  # the starter gone (killed with -9, say): stop rather than linger
+        async def watch():
+            while not proxy.stopped.is_set():
+                if os.getppid() != args.parent_pid:
+                    print("s3-faults: parent gone, stopping", flush=True)
+                    await proxy.stop()
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.ensure_future(watch())
     await proxy.stopped.wait()
     await asyncio.sleep(0.05)
+    if args.parent_pid:
+        watcher.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -764,6 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rules", default="", help='JSON {kind: rate or {"rate": ..., ...}}')
     p.add_argument("--port", type=int, default=0, help="0: a free port of 20000-32767")
     p.add_argument("--control-port", type=int, default=0)
+    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process is no longer the parent")
     asyncio.run(_main(p.parse_args(argv)))
 
 
@@ -888,7 +928,8 @@ class S3Faults(FaultControl):
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"ready-{uuid.uuid4().hex[:8]}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--upstream", self.upstream_endpoint,
-               "--ready-file", str(ready), "--seed", str(self.seed), "--rules", json.dumps(self.rules)]
+               "--ready-file", str(ready), "--seed", str(self.seed), "--rules", json.dumps(self.rules),
+               "--parent-pid", str(os.getpid())]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, cwd=self.workdir)
