@@ -393,6 +393,14 @@ class _LocalLock:
         self.f.close()
 
 
+def _s3_call(fs, method: str, **kwargs):
+    """One S3 API call through s3fs's `_call_s3`, looked up on the instance (the retrying subclass's, where
+    rca_core.s3fs_retrying serves; s3fs's own `call_s3` is bound to the base class's method)."""
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, fs._call_s3, method, **kwargs)
+
+
 def read_versioned(fs, path: str) -> tuple[bytes, str] | None:
     """(bytes, version) of a small record, or None when there is none. The version is what `put_if` compares."""
     if _is_local(fs):
@@ -445,7 +453,7 @@ def put_if(fs, path: str, data: bytes, version: str | None) -> str | None:
         bucket, key = split_key(path)
         cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
-            resp = request(path, fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **cond)
+            resp = request(path, _s3_call, fs, "put_object", Bucket=bucket, Key=key, Body=data, **cond)
         except Exception as e:  # noqa: BLE001
             if _precondition_failed(e):
                 return None
@@ -473,7 +481,7 @@ def delete_if(fs, path: str, version: str) -> bool:
     if _is_s3(fs):
         bucket, key = split_key(path)
         try:
-            request(path, fs.call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            request(path, _s3_call, fs, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
         except FileNotFoundError:
             return False
         except Exception as e:  # noqa: BLE001
