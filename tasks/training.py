@@ -151,8 +151,15 @@ def workers_lost(e: BaseException) -> bool:
     failures = getattr(e, "worker_failures", None)
     if not failures:
         return actor_pool.actor_lost(e)
-    return any(actor_pool.actor_lost(f) or actor_pool.actor_lost(getattr(f, "__cause__", None) or f)
-               for f in failures.values())
+
+    def lost(f) -> bool:
+        # Ray Train reports a worker whose process or node died as a failed health check (its cause inside), or
+        # hands the actor's own error on
+        causes = [f, getattr(f, "__cause__", None), getattr(f, "health_check_failure", None)]
+        return any(c is not None and actor_pool.actor_lost(c) for c in causes) or \
+            type(f).__name__ in ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError")
+
+    return any(lost(f) for f in failures.values())
 
 
 def _fit_restarting_lost(name: str, cfg: RunConfig, make_trainer) -> None:

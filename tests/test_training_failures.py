@@ -45,6 +45,11 @@ def test_lost_workers_are_told_from_the_stages_own_errors():
     assert workers_lost(WorkerGroupError("x", {0: died, 1: died}))
     # rank 1's node died; rank 0 failed with the collective's own error because of it: a restart helps
     assert workers_lost(WorkerGroupError("x", {0: RuntimeError("gloo: Connection closed by peer"), 1: died}))
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    # as Ray Train reports a worker whose node died: a failed health check with the actor's death inside
+    assert workers_lost(WorkerGroupError("x", {0: RuntimeError("gloo: Connection closed by peer"),
+                                               1: WorkerHealthCheckFailedError("A worker health check failed.", died)}))
     assert not workers_lost(WorkerGroupError("x", {0: FloatingPointError("loss is nan"),
                                                    1: FloatingPointError("loss is nan")}))
     assert not workers_lost(ValueError("bad config"))
