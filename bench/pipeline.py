@@ -320,8 +320,8 @@ def _load_one(backend: str, args, cfg_path: str, data_root: str, work: Path) -> 
 
     from bench._lib.common import load_average
     from bench._lib.cpu import CpuSampler
-    from bench._lib.prefect_servers import (CLIENT_ERRORS, SERVER_LOG_ERRORS, ApiPoller, BenchPostgres,
-                                            PrefectServer, count_matches, env_without_database, latency_summary)
+    from bench._lib.prefect_servers import (CLIENT_ERRORS, ApiPoller, BenchPostgres, PrefectServer, count_matches,
+                                            env_without_database, latency_summary, server_log_errors)
     from bench._lib.procs import kill_tree
 
     d = work / backend
@@ -408,7 +408,7 @@ def _load_one(backend: str, args, cfg_path: str, data_root: str, work: Path) -> 
             client_counts[k] += v
         client_samples += [f"run {i}: {x}" for x in samp]
     server_log = server.log_text()
-    server_counts, server_samples = count_matches(server_log, SERVER_LOG_ERRORS)
+    server_counts, server_samples = server_log_errors(server_log)
     answers = len(re.findall(r'HTTP/[0-9.]+" \d\d\d', server_log))
     idle = latency_summary([x for x in poller_samples if x[0] < t0_wall])
     load = latency_summary([x for x in poller_samples if t0_wall <= x[0] <= t1_wall])
@@ -438,10 +438,12 @@ after the other, each alone with its load: --runs concurrent `rca run -c <config
 its images finish). Meanwhile a poller times a few representative API calls (health, and the flow runs, task runs,
 artifacts and logs lists that the UI asks for) every --interval seconds; --idle seconds of polling before the runs
 give the idle latency. Measured per server: runs completed (exit code 0) and failed; server errors = 5xx answers
-in the server's access log (PREFECT_SERVER_LOGGING_LEVEL=INFO), and apart: "database is locked" lines in the
-server's log, tracebacks in it, and client-side errors in the runs' output and run logs (5xx, "database is locked",
-timeouts and lost connections); API latency p50/p99 over the poller's calls during the runs; wall time from the
-first start to the last exit. The 1-minute load average before, during (mean, max) and after each server's runs,
+in the server's access log (PREFECT_SERVER_LOGGING_LEVEL=INFO), and apart: log records of the server that mention
+"database is locked" (Prefect answers such a request 503 and logs it only with PREFECT_SERVER_LOG_RETRYABLE_ERRORS,
+set here; its client waits 2 s, then 4 s, ..., and retries, so the run goes on, later), tracebacks in that log,
+and client-side errors in the runs' output and run logs (5xx, "database is locked", timeouts and lost
+connections); API latency p50/p99 over the poller's calls during the runs; wall time from the first start to the
+last exit. The 1-minute load average before, during (mean, max) and after each server's runs,
 and CPU seconds by kind of process, say how loaded the machine was (other engineers' jobs share it)."""
     from bench._lib.common import load_average
     from rca_core.data import make_dataset
@@ -501,7 +503,8 @@ and CPU seconds by kind of process, say how loaded the machine was (other engine
             f"the server answered {r['requests_answered']} requests; afterwards it held "
             f"{r['counts']['flow_runs']} flow runs ({', '.join(f'{k} {v}' for k, v in sorted(r['flow_run_states'].items()))}), "
             f"{r['counts']['task_runs']} task runs, {r['counts']['artifacts']} artifacts; "
-            f"{r['server_log_errors']['tracebacks']} tracebacks and {locked} \"database is locked\" lines in its log; "
+            f"{r['server_log_errors']['tracebacks']} tracebacks and {locked} \"database is locked\" records in its log "
+            f"({'; '.join(r['server_log_samples'][:3]) or 'none'}); "
             f"client-side errors {r['client_errors']}; poller calls during the runs {r['latency_load']['calls']} "
             f"({r['latency_load']['failed']} failed), idle p50/p99 {ms(r['latency_idle']['p50_ms'])}/"
             f"{ms(r['latency_idle']['p99_ms'])} ms. Machine: 1-min load average {r['load_before']:g} before, "
@@ -512,8 +515,9 @@ and CPU seconds by kind of process, say how loaded the machine was (other engine
              f"the other ({', '.join(backends)}), each started by deploy/prefect-server.sh; API poller every "
              f"{args.interval} s (health, flow_runs/filter, task_runs/filter, artifacts/filter, logs/filter). "
              + " ".join(parts)
-             + " Server errors = 5xx answers in the server's access log; p50/p99 over every poller call during the "
-               "runs. The machine is shared with other engineers' jobs: compare the two rows with the load "
+             + " Server errors = 5xx answers in the server's access log (Prefect answers a write that found SQLite "
+               "locked with 503, and its client retries after 2 s, 4 s, ...: the run goes on, later, and its own log "
+               "shows nothing); p50/p99 over every poller call during the runs. The machine is shared with other engineers' jobs: compare the two rows with the load "
                "averages in mind (a busier machine slows runs and calls on either database).")
     by = {r["backend"]: r for r in results}
     headline = {f"{LOAD_BACKENDS[b]} p99 ms": ms(r["latency_load"]["p99_ms"]) for b, r in by.items()}

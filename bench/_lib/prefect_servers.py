@@ -5,10 +5,11 @@
   (PostgreSQL refuses to run as root).
 - `PrefectServer`: deploy/prefect-server.sh start/stop with its own PREFECT_HOME and port, on SQLite (no URL given)
   or on the URL file of a BenchPostgres; the server logs every request (PREFECT_SERVER_LOGGING_LEVEL=INFO), so
-  that its 5xx answers can be counted.
+  that its 5xx answers can be counted, and the retryable errors it answers with 503 ("database is locked").
 - `ApiPoller`: a thread that times a few representative API calls (what the UI's runs, logs and artifacts pages
   ask for) every `interval` seconds; `latency_summary` gives p50/p99 in milliseconds.
-- `count_matches`: lines of a text that match error patterns (`SERVER_LOG_ERRORS`, `CLIENT_ERRORS`).
+- `server_log_errors`: 5xx answers, "database is locked" and tracebacks in a server's log; `count_matches`: lines
+  of a run's output and log that match `CLIENT_ERRORS`.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ DB_SH = ROOT / "deploy" / "prefect-db.sh"
 SERVER_SH = ROOT / "deploy" / "prefect-server.sh"
 DB_VARS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_DB_URL_FILE")
 
-# Lines of the server's log (uvicorn's access log at INFO, Prefect's own log) that are errors.
-SERVER_LOG_ERRORS = {
-    "5xx answers": re.compile(r'HTTP/[0-9.]+" 5\d\d\b'),
-    "database is locked": re.compile(r"database is locked"),
-    "tracebacks": re.compile(r"Traceback \(most recent call last\)"),
-}
+# What counts as an error in the server's log: uvicorn's access lines with a 5xx status (one per answer), and log
+# records (a line starting with a time or a level, with the traceback lines under it) that mention a locked SQLite
+# database or hold a traceback. Prefect 3.8 answers a request whose SQLite write found the database locked with 503
+# (the client waits, 2 s then 4 s ..., and retries) and logs it only with PREFECT_SERVER_LOG_RETRYABLE_ERRORS=true,
+# which PrefectServer sets.
+ACCESS_5XX = re.compile(r'HTTP/[0-9.]+" 5\d\d\b')
+RECORD_START = re.compile(r"^(\d\d:\d\d:\d\d\.\d+ \||[A-Z]+:\s)")
 # Lines of a run's own log and output that say a call to the Prefect API failed.
 CLIENT_ERRORS = {
     "database is locked": re.compile(r"database is locked"),
@@ -59,8 +61,34 @@ def env_without_database(**extra: str) -> dict[str, str]:
     return env
 
 
+def server_log_errors(text: str) -> tuple[dict[str, int], list[str]]:
+    """5xx answers, log records that mention "database is locked", log records with a traceback; up to 5 samples
+    (the 5xx lines, then each such record's first line)."""
+    counts = {"5xx answers": 0, "database is locked": 0, "tracebacks": 0}
+    samples: list[str] = []
+    records: list[list[str]] = []
+    for line in text.splitlines():
+        if ACCESS_5XX.search(line):
+            counts["5xx answers"] += 1
+            if len(samples) < 3:
+                samples.append(line.strip()[:300])
+        if RECORD_START.match(line) or not records:
+            records.append([line])
+        else:
+            records[-1].append(line)
+    for rec in records:
+        body = "\n".join(rec)
+        locked = "database is locked" in body
+        counts["database is locked"] += locked
+        counts["tracebacks"] += "Traceback (most recent call last)" in body
+        if (locked or "Traceback" in body) and len(samples) < 5:
+            samples.append(rec[0].strip()[:300])
+    return counts, samples
+
+
 def count_matches(text: str, patterns: dict[str, re.Pattern]) -> tuple[dict[str, int], list[str]]:
-    """How many distinct lines match each pattern, and up to 5 of the matching lines."""
+    """How many distinct lines match each pattern (a run's console output repeats lines of its run log), and up
+    to 5 of the matching lines."""
     counts = {name: 0 for name in patterns}
     samples: list[str] = []
     for line in dict.fromkeys(text.splitlines()):
@@ -126,7 +154,8 @@ class PrefectServer:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.log = self.home / "server.log"
         extra = {"PREFECT_HOME": str(self.home), "PREFECT_PORT": str(self.port),
-                 "PREFECT_SERVER_LOGGING_LEVEL": "INFO"}  # uvicorn's access log: every answer's status
+                 "PREFECT_SERVER_LOGGING_LEVEL": "INFO",  # uvicorn's access log: every answer's status
+                 "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true"}  # "database is locked" (answered 503) in the log
         if prefect_bin:
             extra["PREFECT_BIN"] = prefect_bin
         if url_file is not None:
