@@ -77,6 +77,8 @@ def server_log_errors(text: str) -> tuple[dict[str, int], list[str]]:
         else:
             records[-1].append(line)
     for rec in records:
+        if rec[0].startswith("ERROR:    Exception in ASGI application"):
+            continue  # uvicorn repeats the traceback that Prefect's exception handler has just logged
         body = "\n".join(rec)
         locked = "database is locked" in body
         counts["database is locked"] += locked
