@@ -140,12 +140,14 @@ def test_kuberay_postgres_manifest():
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     svc = kinds["Service"]
-    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     # only the Prefect server's pods (their labels in kuberay-raycluster.yaml) may connect
     prefect = next(d for d in _yaml_docs("kuberay-raycluster.yaml") if d["kind"] == "Deployment")
     netpol = kinds["NetworkPolicy"]["spec"]
     assert netpol["podSelector"]["matchLabels"] == svc["spec"]["selector"]
-    assert netpol["ingress"][0]["from"] == [{"podSelector": {"matchLabels": prefect["spec"]["template"]["metadata"]["labels"]}}]
+    prefect_labels = prefect["spec"]["template"]["metadata"]["labels"]
+    assert netpol["ingress"][0]["from"] == [{"podSelector": {"matchLabels": prefect_labels}}]
     # deploy/README.md's `kubectl create secret generic rca-prefect-db ...` names this database
     text = README.read_text()
     m = re.search(r"kubectl create secret generic rca-prefect-db .*?connection_url=\"postgresql\+asyncpg://"

@@ -5,8 +5,9 @@ deploy/prefect-db.sh starts a real PostgreSQL on 127.0.0.1 (a temporary data dir
 deploy/prefect-server.sh starts Prefect's server on that URL and says so; a small flow runs against the server;
 its flow run and task runs are then read from PostgreSQL's own tables (asyncpg, Prefect's driver), and no SQLite
 file exists. Then the KubeRay container's command (`deploy/prefect-server.sh run`, the URL from the environment as
-the Secret gives it) serves the same flow run from the same database. Every server is stopped at the end. The rest checks the script's choice of database (`db`) without
-starting anything: the URL from the environment, from a file, SQLite only when none is given.
+the Secret gives it) serves the same flow run from the same database. Every server is stopped at the end. The
+rest checks the script's choice of database (`db`) without starting anything: the URL from the environment, from
+a file, SQLite only when none is given.
 """
 from __future__ import annotations
 
@@ -254,9 +255,9 @@ def test_server_script_refuses_what_it_cannot_use(tmp_path):
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     t = time.monotonic()
-    r = subprocess.run(["bash", str(SERVER_SH), "run"], capture_output=True, text=True, timeout=30,
-                       env=clean_env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_BIN="/bin/false", PREFECT_DB_WAIT_S="2",
-                                     PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://u:pw@127.0.0.1:{closed}/d"))
+    env = clean_env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_BIN="/bin/false", PREFECT_DB_WAIT_S="2",
+                    PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://u:pw@127.0.0.1:{closed}/d")
+    r = subprocess.run(["bash", str(SERVER_SH), "run"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 1 and f"127.0.0.1:{closed} did not accept connections within 2 s" in r.stderr, r.stderr
     assert time.monotonic() - t < 15
 
