@@ -500,11 +500,13 @@ and CPU seconds by kind of process, say how loaded the machine was (other engine
             f", PostgreSQL {g.get('postgresql server', 0.0):.0f} CPU s" if r["backend"] == "postgresql" else "")
         locked = r["server_log_errors"]["database is locked"]
         parts.append(
-            f"{LOAD_BACKENDS[r['backend']]}: server up in {r['server_start_s']:.1f} s ({r['database'].split(' (')[0]}); "
+            f"{LOAD_BACKENDS[r['backend']]}: server up in {r['server_start_s']:.1f} s "
+            f"({r['database'].split(' (')[0]}); "
             f"runs ended after {', '.join(f'{x:.0f}' for x in r['run_seconds'] if x is not None)} s "
             f"(exit codes {r['returncodes']}{', timed out: ' + str(r['timed_out']) if r['timed_out'] else ''}); "
             f"the server answered {r['requests_answered']} requests; afterwards it held "
-            f"{r['counts']['flow_runs']} flow runs ({', '.join(f'{k} {v}' for k, v in sorted(r['flow_run_states'].items()))}), "
+            f"{r['counts']['flow_runs']} flow runs "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(r['flow_run_states'].items()))}), "
             f"{r['counts']['task_runs']} task runs, {r['counts']['artifacts']} artifacts; "
             f"{r['server_log_errors']['tracebacks']} tracebacks and {locked} \"database is locked\" records in its log "
             f"({'; '.join(r['server_log_samples'][:3]) or 'none'}); "
@@ -520,8 +522,9 @@ and CPU seconds by kind of process, say how loaded the machine was (other engine
              + " ".join(parts)
              + " Server errors = 5xx answers in the server's access log (Prefect answers a write that found SQLite "
                "locked with 503, and its client retries after 2 s, 4 s, ...: the run goes on, later, and its own log "
-               "shows nothing); p50/p99 over every poller call during the runs. The machine is shared with other engineers' jobs: compare the two rows with the load "
-               "averages in mind (a busier machine slows runs and calls on either database).")
+               "shows nothing); p50/p99 over every poller call during the runs. The machine is shared with other "
+               "engineers' jobs: compare the two rows with the load averages in mind (a busier machine slows runs "
+               "and calls on either database).")
     by = {r["backend"]: r for r in results}
     headline = {f"{LOAD_BACKENDS[b]} p99 ms": ms(r["latency_load"]["p99_ms"]) for b, r in by.items()}
     headline.update({f"{LOAD_BACKENDS[b]} 5xx": errors(r)["5xx"] for b, r in by.items()})
