@@ -338,7 +338,7 @@ def _load_one(backend: str, args, cfg_path: str, data_root: str, work: Path) -> 
         if pg is not None:
             res["postgres"] = pg.start()
         t = time.perf_counter()
-        res["database"] = server.start()
+        res["database"] = server.start().replace(str(ROOT) + "/", "")  # paths in the record: repository-relative
         res["server_start_s"] = time.perf_counter() - t
         if not res["database"].lower().startswith(backend):
             raise SystemExit(f"deploy/prefect-server.sh says database {res['database']!r}, expected {backend}")
