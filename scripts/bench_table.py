@@ -35,10 +35,11 @@ JSON file per benchmark: its latest result). Do not edit it by hand: run a bench
 --check` fails when this file is not what the records give.
 
 Benchmarks by subject: `python bench/stages.py` (stage throughput, scaling over actors and nodes, Ray Data,
-VOC-size cost, growth), `python bench/pipeline.py` (orchestration overhead, resume cost), `python bench/quality.py`
-(CAM ablation, refinement, segmenter, training workers), `python bench/store.py` (store vs .npy, S3, S3 client
-CPU); `--help` lists each one's benchmarks and options. The machine is this project's 2-core CPU VM unless a
-record says otherwise; its load average during the run is in each record (other engineers' jobs share it).
+VOC-size cost, growth), `python bench/pipeline.py` (orchestration overhead, resume cost, the Prefect server under
+concurrent runs on SQLite vs PostgreSQL), `python bench/quality.py` (CAM ablation, refinement, segmenter, training
+workers), `python bench/store.py` (store vs .npy, S3, S3 client CPU); `--help` lists each one's benchmarks and
+options. The machine is this project's 2-core CPU VM unless a record says otherwise; its load average during the
+run is in each record (other engineers' jobs share it).
 Records marked "transcribed" carry the last figure of the append-only log this file used to be: their date,
 command (the bench script of that time) and commit are the original run's; "command" in the table below is how
 to measure it again today.

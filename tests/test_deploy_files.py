@@ -56,6 +56,23 @@ def test_ray_cluster_yaml_keeps_auth_on_and_the_dashboard_local():
         assert "IamInstanceProfile" in t["node_config"]
 
 
+def test_ray_cluster_head_runs_prefect_on_postgresql():
+    """The head installs PostgreSQL (deploy/prefect-db.sh install), starts the database (a managed one's URL, or
+    its own PostgreSQL on 127.0.0.1) before the Prefect server, which then reads the URL file; no secret in YAML."""
+    cfg = _yaml_docs("ray-cluster.yaml")[0]
+    assert any("deploy/prefect-db.sh install" in c for c in cfg["head_setup_commands"])
+    start = cfg["head_start_ray_commands"]
+    i_db = next(i for i, c in enumerate(start) if "deploy/prefect-db.sh start" in c)
+    i_srv = next(i for i, c in enumerate(start) if "deploy/prefect-server.sh start" in c)
+    assert i_db < i_srv and all("node-env.sh" in start[i] for i in (i_db, i_srv))
+    assert not any("prefect-db.sh" in c for c in cfg["setup_commands"] + cfg["worker_start_ray_commands"])
+    text = (DEPLOY / "ray-cluster.yaml").read_text()
+    assert "DATABASE_CONNECTION_URL" not in text and "postgresql+asyncpg://" not in text
+    db_sh = (DEPLOY / "prefect-db.sh").read_text()
+    assert "listen_addresses=127.0.0.1" in db_sh and "$PREFECT_HOME/db_url" in db_sh
+    assert "$PREFECT_HOME/db_url" in (DEPLOY / "prefect-server.sh").read_text()
+
+
 def _env(container: dict) -> dict:
     return {e["name"]: e for e in container.get("env", [])}
 
@@ -63,7 +80,7 @@ def _env(container: dict) -> dict:
 def test_kuberay_manifest():
     docs = _yaml_docs("kuberay-raycluster.yaml")
     kinds = {d["kind"]: d for d in docs}
-    assert {"RayCluster", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy"} <= set(kinds)
+    assert {"RayCluster", "Deployment", "Service", "NetworkPolicy"} <= set(kinds)
     rc = kinds["RayCluster"]
     head = rc["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
@@ -84,6 +101,69 @@ def test_kuberay_manifest():
     assert "rca serve" in (DEPLOY / "kuberay-head.sh").read_text() or "serve.sh" in (DEPLOY / "kuberay-head.sh").read_text()
     prefect_env = _env(kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0])
     assert "secretKeyRef" in prefect_env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]
+
+
+def test_kuberay_prefect_server_reads_its_database_url_from_a_secret():
+    """The Prefect container runs deploy/prefect-server.sh (the script the test of tests/test_prefect_postgres.py
+    runs on a real PostgreSQL) with the database URL from the Secret rca-prefect-db; no SQLite volume is left."""
+    docs = _yaml_docs("kuberay-raycluster.yaml")
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rca-prefect")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["bash", "/app/deploy/prefect-server.sh", "run"]
+    env = _env(c)
+    ref = env["PREFECT_API_DATABASE_CONNECTION_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "rca-prefect-db", "key": "connection_url"}
+    assert "value" not in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    # listening beyond the pod's loopback, which the script allows only with basic auth from a Secret
+    assert env["PREFECT_SERVER_HOST"]["value"] == "0.0.0.0"
+    assert env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["name"] == "rca-prefect-auth"
+    assert int(env["PREFECT_PORT"]["value"]) == c["ports"][0]["containerPort"]
+    assert not any("persistentVolumeClaim" in v for v in pod.get("volumes", []))
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+
+
+def test_kuberay_postgres_manifest():
+    """deploy/kuberay-postgres.yaml: PostgreSQL (Deployment + PVC + Service + NetworkPolicy), its password from the
+    Secret rca-prefect-db, reachable by the Prefect server's pods only; the URL that deploy/README.md puts into the
+    Secret names that Service, port, role and database."""
+    docs = _yaml_docs("kuberay-postgres.yaml")
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = _env(c)
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rca-prefect-db", "key": "password"}
+    assert not any("PASSWORD" in k and "value" in e for k, e in env.items())
+    major = int(c["image"].split(":")[1].split(".")[0].split("-")[0])
+    assert c["image"].startswith("postgres:") and major >= 15  # Prefect 3 needs PostgreSQL 14.9+
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    svc = kinds["Service"]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    # only the Prefect server's pods (their labels in kuberay-raycluster.yaml) may connect
+    prefect = next(d for d in _yaml_docs("kuberay-raycluster.yaml") if d["kind"] == "Deployment")
+    netpol = kinds["NetworkPolicy"]["spec"]
+    assert netpol["podSelector"]["matchLabels"] == svc["spec"]["selector"]
+    prefect_labels = prefect["spec"]["template"]["metadata"]["labels"]
+    assert netpol["ingress"][0]["from"] == [{"podSelector": {"matchLabels": prefect_labels}}]
+    # deploy/README.md's `kubectl create secret generic rca-prefect-db ...` names this database
+    text = README.read_text()
+    m = re.search(r"kubectl create secret generic rca-prefect-db .*?connection_url=\"postgresql\+asyncpg://"
+                  r"([a-z_]+):\$DB_PASSWORD@([a-z0-9-]+):(\d+)/([a-z_]+)\"", text, re.S)
+    assert m, "deploy/README.md: no `kubectl create secret generic rca-prefect-db` with the in-cluster URL"
+    user, host, port, db = m.groups()
+    assert (host, int(port)) == (svc["metadata"]["name"], svc["spec"]["ports"][0]["port"])
+    assert (user, db) == (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"])
+
+
+def test_no_database_password_in_the_deploy_files():
+    """Database URLs with a password appear only as placeholders (USER:PASSWORD, $DB_PASSWORD, <...>)."""
+    for f in [*DEPLOY.glob("*.yaml"), *DEPLOY.glob("*.sh"), README]:
+        for m in re.finditer(r"postgres(?:ql)?(?:\+asyncpg)?://([^:@/\s]+):([^@\s]+)@", f.read_text()):
+            assert m.group(2) in ("PASSWORD", "***") or m.group(2).startswith(("<", "$")), \
+                f"{f.name}: a database URL with a literal password: {m.group(0)}"
 
 
 # ------------------------------------------------------------------------------ commands named in the docs

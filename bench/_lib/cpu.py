@@ -4,7 +4,7 @@ A background thread (`CpuSampler`) samples /proc/<pid>/stat (utime + stime) of e
 keeps the growth of each one since the sampler started; processes are put into groups by their command line:
 the benchmark's own child (the driver), Ray worker processes (`ray::...` titles), Ray's system processes
 (raylet, GCS, dashboard, monitors, agents), the Prefect server (the process tree of a given pid), a SeaweedFS
-S3 server (`weed`) and everything else. The machine-wide figures come from /proc/stat (busy, idle and steal
+S3 server (`weed`), a PostgreSQL server (`postgres` and its backends) and everything else. The machine-wide figures come from /proc/stat (busy, idle and steal
 seconds), so what the sampler missed (a process that lived less than one interval) shows as the difference
 between the busy total and the groups' sum. `cpu_self` and `cpu_of` are the plain counters: this process (all
 threads), or given pids.
@@ -25,6 +25,7 @@ DRIVER = "driver (the run's own process)"
 RAY_WORKERS = "ray workers (ray::...)"
 RAY_SYSTEM_GROUP = "ray system (raylet, gcs, dashboard, agents)"
 S3_SERVER = "s3 server (SeaweedFS)"
+POSTGRES_SERVER = "postgresql server"
 
 
 def _stat(pid: str) -> tuple[float, int] | None:
@@ -103,6 +104,8 @@ class CpuSampler:
             return "prefect server"
         if Path(cmd.split(" ", 1)[0]).name == "weed":
             return S3_SERVER
+        if Path(cmd.split(" ", 1)[0]).name in ("postgres", "postgres:"):  # the server and its backends' titles
+            return POSTGRES_SERVER
         if any(k in cmd for k in RAY_SYSTEM):
             return RAY_SYSTEM_GROUP
         if pid == str(os.getpid()):
