@@ -66,6 +66,21 @@ def wait_healthy(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | N
 
 
 @contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """These environment variables for the block, the previous values (or their absence) back after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _locked(path: Path):
     import fcntl
 
@@ -150,18 +165,10 @@ def shared_local_server(home: str | Path, set_env: bool = True):
             state_file.write_text(json.dumps(state))
         _users(home)
         me.write_text(str(time.time()))
-    old = {k: os.environ.get(k) for k in server_env(home, state["port"])}
-    if set_env:
-        os.environ.update(server_env(home, state["port"]))
     try:
-        yield state["api"], started
+        with _environment(server_env(home, state["port"]) if set_env else {}):
+            yield state["api"], started
     finally:
-        if set_env:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         with _locked(home / "server.lock"):
             me.unlink(missing_ok=True)
             if not _users(home):  # the last one out stops the server
@@ -185,19 +192,11 @@ def local_prefect_server(home: str | Path, port: int | None = None, log_file: st
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    old = {k: os.environ.get(k) for k in server_env(home, port)}
     try:
         wait_healthy(env["PREFECT_API_URL"], proc=proc)
-        if set_env:
-            os.environ.update(server_env(home, port))
-        yield env["PREFECT_API_URL"]
+        with _environment(server_env(home, port) if set_env else {}):
+            yield env["PREFECT_API_URL"]
     finally:
-        if set_env:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -175,6 +175,18 @@ def _gave_up(what: str, tries: int, t0: float, last: BaseException, pol: RetryPo
         f"{type(last).__name__}: {str(last).splitlines()[0][:300] if str(last) else ''}")
 
 
+def _next_pause(what: str, e: Exception, tries: int, t0: float, pol: RetryPolicy) -> float:
+    """After a try failed with `e`: how long to wait before the next one; raises `e` when a retry cannot fix it
+    and StorageUnavailable when the policy's tries or deadline are spent."""
+    if not retryable(e):
+        raise e
+    pause = pol.wait(tries - 1)
+    if tries > pol.retries or time.monotonic() - t0 + pause > pol.deadline_s:
+        raise _gave_up(what, tries, t0, e, pol) from e
+    STATS.add("retries", error=e)
+    return pause
+
+
 def with_retries(what: str, call: Callable[[], Any]) -> Any:
     """`call()` under the policy (blocking)."""
     pol, t0, tries = _POLICY, time.monotonic(), 0
@@ -184,13 +196,8 @@ def with_retries(what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except Exception as e:
-            if not retryable(e):
-                raise
-            pause = pol.wait(tries - 1)
-            if tries > pol.retries or time.monotonic() - t0 + pause > pol.deadline_s:
-                raise _gave_up(what, tries, t0, e, pol) from e
-            STATS.add("retries", error=e)
-            time.sleep(pause)
+            pause = _next_pause(what, e, tries, t0, pol)
+        time.sleep(pause)
 
 
 async def with_retries_async(what: str, make: Callable[[], Awaitable[Any]]) -> Any:
@@ -202,13 +209,8 @@ async def with_retries_async(what: str, make: Callable[[], Awaitable[Any]]) -> A
         try:
             return await make()
         except Exception as e:
-            if not retryable(e):
-                raise
-            pause = pol.wait(tries - 1)
-            if tries > pol.retries or time.monotonic() - t0 + pause > pol.deadline_s:
-                raise _gave_up(what, tries, t0, e, pol) from e
-            STATS.add("retries", error=e)
-            await asyncio.sleep(pause)
+            pause = _next_pause(what, e, tries, t0, pol)
+        await asyncio.sleep(pause)
 
 
 def request(path: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
