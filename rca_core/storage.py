@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -275,13 +276,25 @@ def credentials_problem(location: str, storage: Any = None) -> str | None:
             "profile, the pod its Secret, or the variables in the environment that starts its Ray)")
 
 
-REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403", "ExpiredToken")
+REFUSED = re.compile(r"\b(InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|ExpiredToken|"
+                     r"InvalidToken|PermissionDenied|Unauthenticated|403)\b")
 
 
-def refused_credentials(e: BaseException) -> bool:
-    """Whether an object-storage error means the server refused the credentials (wrong key, secret or token)."""
-    text = f"{type(e).__name__} {e}"
-    return isinstance(e, PermissionError) or any(s in text for s in REFUSED)
+def refused_credentials(e: BaseException, location: str) -> bool:
+    """Whether an error reading `location` means the object store refused the credentials (wrong key, secret or
+    token). Never for a local path (a missing local file is not a credentials problem, whatever its name holds);
+    error codes are matched as whole words over the error and its causes."""
+    if protocol(location) in ("file", "local", ""):
+        return False
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen and len(chain) < 8:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, FileNotFoundError) for x in chain[:1]):
+        return False
+    heads = (f"{type(x).__name__} {str(x).splitlines()[0] if str(x) else ''}" for x in chain)
+    return any(isinstance(x, PermissionError) for x in chain) or any(REFUSED.search(h) for h in heads)
 
 
 def upload_tree(local_dir: str | os.PathLike, location: str, storage: Any = None) -> int:

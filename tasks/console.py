@@ -482,12 +482,26 @@ def drain_prefect(timeout: float = 10.0) -> None:
         log_line("rca", f"draining Prefect's events worker: {type(e).__name__}: {e}")
 
 
+def worker_error(exc: BaseException) -> tuple[BaseException, str]:
+    """A Ray task's error as what the worker raised (Ray wraps it in RayTaskError, whose text is Ray's traceback)
+    and " (in a Ray worker)"; any other error as it is, with no place."""
+    where = ""
+    for _ in range(4):
+        cause = getattr(exc, "cause", None)
+        if not (type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException)):
+            break
+        exc, where = cause, " (in a Ray worker)"
+    return exc, where
+
+
 def failure(exc: BaseException, max_lines: int = 12) -> str:
     """What the console shows of a failed command: the error's type and message (its first `max_lines`
     lines, each at most 300 characters); the whole traceback goes to the run log. Ends the live lines."""
     CONSOLE.reset()
     log_line("rca ERROR", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    exc, where = worker_error(exc)
     lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+    lines[-1] += where
     lines = [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines]
     more = len(lines) - max_lines
     text = "\n".join(lines[:max_lines]) + (f"\n  ... ({more} more lines in the run log)" if more > 0 else "")

@@ -251,7 +251,7 @@ def node_check(marker_uri: str, token: str, cfg_json: dict, split: str) -> dict:
             if got != token:
                 problems.append(f"store marker {marker_uri} holds another run's token")
         except Exception as e:  # noqa: BLE001
-            if storage.refused_credentials(e):
+            if storage.refused_credentials(e, cfg.store):
                 problems.append(f"the object store refused this node's AWS credentials for {cfg.store} (wrong key, "
                                 f"secret or token: {type(e).__name__}: {str(e).splitlines()[0][:200]})")
             else:

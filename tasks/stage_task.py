@@ -12,7 +12,6 @@ stage's lease in the store (rca_core.store.lease): a second run on the same stor
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 from prefect import task
@@ -98,8 +97,8 @@ def run_stage_task(name: str, config: RunConfig, key: str) -> dict:
                                                      f"{h.describe()} (lease.on_busy: fail stops instead)")) as lease:
             if lease.took_over is not None:
                 h = lease.took_over
-                console.say(f"{name}: took over the lease of run {h.run_id} (host {h.host}, pid {h.pid}): no "
-                            f"heartbeat for {time.time() - h.heartbeat:.0f} s (lease.ttl_s {cfg.lease.ttl_s:g})")
+                console.say(f"{name}: took over the lease of run {h.run_id} (host {h.host}, pid {h.pid}): "
+                            f"{lease.took_over_why}")
             if out.is_complete():  # the other run finished it while this one waited
                 found_complete = True
             else:

@@ -474,6 +474,25 @@ def test_failure_is_one_console_line_and_the_traceback_goes_to_the_log(tmp_path)
     assert any(s == "rca ERROR" and "test_console.py" in t for s, t in lines)
 
 
+def test_failure_of_a_ray_task_shows_what_the_worker_raised(tmp_path):
+    """Ray wraps a worker's error in RayTaskError, whose text is Ray's own traceback header: the console shows the
+    worker's error and its message instead, and says it came from a Ray worker."""
+    from ray.exceptions import RayTaskError
+
+    class StorageUnavailable(Exception):
+        pass
+
+    cause = StorageUnavailable("object storage at http://127.0.0.1:9 gave no usable answer; last error: reset")
+    wrapped = RayTaskError("StageActor.run", "Traceback ...\nConnectionResetError", cause).as_instanceof_cause()
+    con.setup(tmp_path / "run.log")
+    try:
+        text = con.failure(wrapped)
+    finally:
+        con.teardown()
+    assert text == ("[rca] failed: StorageUnavailable: object storage at http://127.0.0.1:9 gave no usable answer; "
+                    "last error: reset (in a Ray worker)")
+
+
 def test_failure_ends_the_live_line_and_goes_to_stderr(tmp_path):
     clock = FakeClock()
     c = terminal(clock=clock)

@@ -67,7 +67,8 @@ def test_pipeline_end_to_end_visible_in_prefect(reference_run, prefect_server):
 
 def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     """kill -9 of the flow process (and its local Ray) in the middle of the random-walk stage; the
-    re-run shows finished stages as Cached, recomputes only unfinished images, and ends with outputs
+    re-run takes over the dead run's stage lease at once, shows finished stages as Cached, recomputes only
+    unfinished images, and ends with outputs
     byte-identical to the uninterrupted reference run. To keep CI short the killed run starts from a
     store holding copies of the reference's CAM stages (same fingerprints); CRF and AffinityNet run in it."""
     from rca_core.config import load_config
@@ -100,6 +101,10 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     p2 = rca_run(cfg_path, prefect_server, args=["--stage", "random_walk"])
     stdout, _ = p2.communicate(timeout=900)
     assert p2.returncode == 0, stdout[-3000:]
+    # the killed driver's lease is still in the store, far from expiry: its process is gone, so it is taken over
+    # at once (no wait of lease.ttl_s)
+    assert "random_walk: took over the lease of run" in stdout and "its process is gone" in stdout, stdout[-3000:]
+    assert "waiting for another run" not in stdout, stdout[-3000:]
     summary = rw.summary()
     assert 0 < summary["recomputed_images"] <= n - killed_with
     tasks = {t["name"]: t["state"]["name"] for t in prefect_api.task_runs_since(prefect_server, t_resume)}

@@ -34,6 +34,28 @@ def test_s3_options_come_from_the_standard_environment(monkeypatch):
     assert not any("secret" in k or "key" == k for k in opts)  # credentials never go through the config
 
 
+def test_refused_credentials_is_told_from_a_missing_file():
+    """Only an object store's refusal counts as refused credentials: a local store's missing marker is not, even
+    when its path holds "403" (a hex token did, and the preflight blamed a node's AWS credentials)."""
+    from botocore.exceptions import ClientError
+
+    from rca_core import storage
+
+    local = FileNotFoundError("file not found: /tmp/store/_preflight/3d74b403e7c44.json")
+    assert not storage.refused_credentials(local, "/tmp/store")
+    assert not storage.refused_credentials(local, "s3://b/run")
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    assert storage.refused_credentials(denied, "s3://b/run")
+    try:  # s3fs turns it into an OSError whose text lost the code; the cause keeps it
+        raise PermissionError("Access Denied") from denied
+    except PermissionError as e:
+        assert storage.refused_credentials(e, "s3://b/run")
+    try:
+        raise OSError("an error at s3://b/run/_preflight/ab403cd.json") from TimeoutError("read timed out")
+    except OSError as e:
+        assert not storage.refused_credentials(e, "s3://b/run")
+
+
 def test_file_ref_writes_atomically_and_names_a_missing_file(tmp_path):
     from rca_core import storage
 

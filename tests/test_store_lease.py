@@ -2,11 +2,15 @@
 (SeaweedFS, conditional requests): exclusive, renewed, taken over after expiry, never two holders."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from rca_core import object_io
 from rca_core.store import ArtifactStore, LeaseBusy, LeaseLost
 from rca_core.store.lease import StageLease, hold
 
@@ -73,7 +77,40 @@ def _hold_waits_or_fails(out) -> None:
         t.join()
 
 
-CASES = [_two_holders_never, _expired_lease_is_taken_over_and_the_old_holder_cannot_complete,
+def _killed_holder_on_this_machine_is_taken_over_at_once(out) -> None:
+    """A driver killed with -9 on this machine: its lease (ttl 600 s, far from expiry) is taken over at once, since
+    no process with its pid and start time exists any more; a holder on another machine is waited for."""
+    code = ("import sys, time\n"
+            "from rca_core.store import ArtifactStore\n"
+            "from rca_core.store.lease import StageLease\n"
+            "out = ArtifactStore(sys.argv[1]).stage('cam_infer', 'abc')\n"
+            "assert StageLease(out, ttl_s=600, run_id='killed-driver').try_acquire() is None\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, out.store.url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        alive = StageLease(out, ttl_s=30, run_id="next")
+        busy = alive.try_acquire()  # while it lives: busy
+        assert busy is not None and busy.run_id == "killed-driver" and not busy.gone()
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+    new = StageLease(out, ttl_s=30, run_id="next")
+    assert new.try_acquire() is None and new.took_over.run_id == "killed-driver"
+    assert new.took_over_why == "its process is gone (this machine)"
+    new.release()
+    # the same record from another machine (another boot): its pid means nothing here, so it is waited for
+    other = StageLease(out, ttl_s=600, run_id="elsewhere")
+    rec = json.loads(other._record())
+    rec.update(machine="another-boot/pid:[1]", pid=p.pid)
+    object_io.put_if(other.fs, other.path, json.dumps(rec).encode(), None)
+    busy = StageLease(out, ttl_s=30, run_id="next").try_acquire()
+    assert busy is not None and busy.run_id == "elsewhere" and not busy.gone()
+    object_io.delete_if(other.fs, other.path, other.read()[1])
+
+
+CASES = [_two_holders_never, _killed_holder_on_this_machine_is_taken_over_at_once, _expired_lease_is_taken_over_and_the_old_holder_cannot_complete,
          _racing_drivers_one_wins, _hold_waits_or_fails]
 
 
@@ -92,7 +129,7 @@ def s3(tmp_path_factory):
     try:
         yield srv
     finally:
-        srv.stop()
+        srv.kill()  # throwaway data: SIGKILL is immediate, where stop() waits out weed's ~15 s gRPC grace
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.strip("_"))

@@ -198,6 +198,8 @@ class StageOutput:
         for field, arr in arrays.items():
             try:
                 self._entries.put(f"{field}/{image_id}", encode_array(arr, attrs))
+            except StorageUnavailable:  # already names the endpoint, the request and the last error
+                raise
             except Exception as e:  # disk full, permissions, a file in the way, ...
                 raise StoreError(f"writing {self.store.url}/{self.key}/{field}/{image_id} failed: "
                                  f"{type(e).__name__}: {e}") from e

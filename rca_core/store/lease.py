@@ -5,7 +5,9 @@ pid, when it was taken, its last heartbeat, when it expires). It is created only
 only if it is still the version the writer read (S3's conditional requests, or a lock file on a local disk:
 rca_core.object_io.put_if), so two drivers never both hold it. A thread renews it every ttl/3; a holder that
 stops heartbeating (a driver killed with -9, a machine gone) leaves a lease that expires after `ttl_s` and is
-then taken over. Drivers compare the holder's heartbeat with their own clock: keep the machines' clocks in step
+then taken over; on the holder's own machine (same kernel boot and process namespace, so the same `rca run` host
+or container) a holder whose process is gone is taken over at once, so re-running a killed run does not wait
+out the ttl. Drivers compare the holder's heartbeat with their own clock: keep the machines' clocks in step
 (NTP), or raise `lease.ttl_s` well above their drift.
 
 A second driver that finds the lease held either waits for it (`lease.on_busy: wait`, the default: two people
@@ -50,6 +52,30 @@ class LeaseLost(StoreError):
     """This run's lease on a stage was taken over (it stopped heartbeating for longer than the lease's ttl)."""
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _machine() -> str | None:
+    """This kernel boot and process namespace (Linux): where a pid means the same process; None elsewhere."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{ns}" if boot else None
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None if there is none."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if stat else None
+
+
 @dataclass
 class Holder:
     run_id: str
@@ -58,6 +84,14 @@ class Holder:
     taken: float
     heartbeat: float
     expires: float
+    machine: str | None = None  # _machine() of the holder (absent in records of older versions)
+    started: str | None = None  # _started(pid) of the holder
+
+    def gone(self) -> bool:
+        """Whether the holder's process is known to be gone: it ran on this machine (same boot and process
+        namespace) and no process with its pid and start time exists. Never true for another machine's holder."""
+        here = _machine()
+        return bool(self.machine and self.started and here == self.machine and _started(self.pid) != self.started)
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -65,6 +99,7 @@ class Holder:
                 f"{time.strftime('%H:%M:%S', time.localtime(self.taken))}, last heartbeat {now - self.heartbeat:.0f} s ago")
 
 
+_MACHINE = _machine()
 _HELD: dict[tuple[str, str], "StageLease"] = {}  # (store url, stage key) -> the lease this process holds
 _HELD_LOCK = threading.Lock()
 
@@ -78,13 +113,15 @@ class StageLease:
         self.version: str | None = None
         self.lost = False
         self.took_over: Holder | None = None  # the expired lease of another run this one replaced
+        self.took_over_why = ""  # why it could: "no heartbeat for N s ..." or "its process is gone ..."
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- one attempt
     def _record(self, taken: float | None = None) -> bytes:
         now = time.time()
-        h = Holder(self.run_id, socket.gethostname(), os.getpid(), taken or now, now, now + self.ttl_s)
+        h = Holder(self.run_id, socket.gethostname(), os.getpid(), taken or now, now, now + self.ttl_s,
+                   _MACHINE, _started(os.getpid()))
         return json.dumps(asdict(h)).encode()
 
     def read(self) -> tuple[Holder, str] | None:
@@ -93,8 +130,9 @@ class StageLease:
             return None
         data, version = got
         try:
-            return Holder(**json.loads(data)), version
-        except (ValueError, TypeError):  # a torn or foreign record: treat it as expired
+            rec = json.loads(data)
+            return Holder(**{k: v for k, v in rec.items() if k in Holder.__dataclass_fields__}), version
+        except (ValueError, TypeError, AttributeError):  # a torn or foreign record: treat it as expired
             return Holder("?", "?", 0, 0.0, 0.0, 0.0), version
 
     def try_acquire(self) -> Holder | None:
@@ -107,11 +145,15 @@ class StageLease:
             if holder.run_id == self.run_id:  # ours already (e.g. a retried request that had gone through)
                 self.version = seen
                 return None
-            if holder.expires > time.time():
+            expired = holder.expires <= time.time()
+            if not expired and not holder.gone():
                 return holder
             version = object_io.put_if(self.fs, self.path, self._record(), seen)
             if version is not None:
                 self.took_over = holder
+                self.took_over_why = (f"no heartbeat for {time.time() - holder.heartbeat:.0f} s (lease.ttl_s "
+                                      f"{holder.expires - holder.heartbeat:g})" if expired else
+                                      "its process is gone (this machine)")
         if version is None:  # another writer got there first: look again
             again = self.read()
             if again is not None and again[0].run_id == self.run_id:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rca_core import storage as io_
-from rca_core.object_io import request
+from rca_core.object_io import StorageUnavailable, request
 from rca_core.store.errors import StoreError
 from rca_core.store.jsonvalues import plain_json_or_text, plain_rows
 from rca_core.store.layout import Loc, check_file_name
@@ -97,6 +97,8 @@ class StageRecords:
         ref = self.file(name)
         try:
             ref.write_bytes(data)
+        except StorageUnavailable:  # already names the endpoint, the request and the last error
+            raise
         except Exception as e:  # disk full, permissions, a file in the way, ...
             raise StoreError(f"writing {ref.uri} failed: {type(e).__name__}: {e}") from e
         return ref.uri

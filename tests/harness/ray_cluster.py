@@ -337,16 +337,19 @@ class TwoNodeCluster:
         variables named in `drop_env` (e.g. its AWS credentials: a node without its instance profile); returns the id."""
         self.node2_drop_env = tuple(drop_env)
         old = self.node2_id
-        self._stop_node(self.node2_proc, "node2")
+        # the node is replaced, not shut down: nothing on it is worth a grace period (the store is elsewhere), so a
+        # short wait, then SIGKILL for what is left (workers of a killed raylet linger for the whole grace)
+        self._stop_node(self.node2_proc, "node2", timeout=2.0)
         self._start_node2(exclude={old} if old else set())
         return self.node2_id
 
-    def _stop_node(self, proc: subprocess.Popen | None, name: str) -> None:
+    def _stop_node(self, proc: subprocess.Popen | None, name: str, timeout: float | None = None) -> None:
         if proc is None:
             return
         self._track(proc)
         t0 = time.monotonic()
-        stop_process(proc, timeout=self.stop_timeout, group=True, signal_group_first=False)
+        stop_process(proc, timeout=self.stop_timeout if timeout is None else timeout, group=True,
+                     signal_group_first=False)
         self.timings[f"{name}_stop_s"] = time.monotonic() - t0
 
     def pids(self) -> dict[int, str | None]:
