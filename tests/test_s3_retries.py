@@ -37,6 +37,7 @@ def faults(s3_faults, monkeypatch):
     object_io.configure(RetryPolicy(retries=8, deadline_s=20.0, backoff_s=0.02, backoff_max_s=0.2),
                         s3_faults.endpoint)
     s3_faults.clear()
+    s3_faults.wait_serving(timeout=30)  # a blackout left by the test before has ended
     s3_faults.reset()
     yield s3_faults
     s3_faults.clear()
@@ -86,7 +87,7 @@ def test_blackout_longer_than_the_deadline_fails_in_time_naming_endpoint_and_err
     object_io.configure(RetryPolicy(retries=100, deadline_s=3.0, backoff_s=0.05, backoff_max_s=0.5), faults.endpoint)
     out = ArtifactStore("s3://retries/blackout").stage("cam_infer", "abc").prepare(["cam"])
     out.write("img_000", {"cam": np.zeros((1, 4, 4), np.uint8)})
-    faults.blackout(10.0)
+    faults.blackout(6.0)  # longer than the deadline and its margin
     t0 = time.monotonic()
     with pytest.raises(StorageUnavailable) as e:
         out.read("img_000", "cam")
@@ -94,3 +95,37 @@ def test_blackout_longer_than_the_deadline_fails_in_time_naming_endpoint_and_err
     assert took < 3.0 + 2.0, took
     msg = str(e.value)
     assert faults.endpoint in msg and "last error:" in msg and "storage.timeout_s 3" in msg, msg
+
+
+def test_file_objects_and_pyarrow_ride_out_faults_too(faults, tmp_path):
+    """What Ray Train's checkpoints do (pyarrow over fsspec: copy a folder up, look it up, delete it) and s3fs's file
+    objects (open(..., "wb") uploads, s3fs's `call_s3`): the same policy, every injected fault retried."""
+    import pyarrow.fs as pafs
+
+    from harness.s3_faults import Fault
+    from rca_core import storage
+
+    src = tmp_path / "checkpoint"
+    src.mkdir()
+    for i in range(4):
+        (src / f"part-{i}.bin").write_bytes(bytes([i]) * 50_000)
+    fs, _ = storage.filesystem("s3://retries/pyarrow")
+    arrow = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    faults.set(slowdown=0.2, internal_error=0.05, reset=Fault(0.05, methods=["GET"], cut=0.5))
+    before = object_io.STATS.snapshot()
+    for n in range(6):
+        dst = f"retries/pyarrow/checkpoint_{n}"
+        pafs.copy_files(str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=arrow)
+        assert arrow.get_file_info(dst).type == pafs.FileType.Directory
+        with fs.open(f"{dst}/extra.bin", "wb") as f:  # s3fs's S3File: put_object through fs.call_s3
+            f.write(b"x" * 10_000)
+        assert fs.cat_file(f"{dst}/part-3.bin") == bytes([3]) * 50_000
+        if n:
+            arrow.delete_dir(f"retries/pyarrow/checkpoint_{n - 1}")
+    # the objects left (SeaweedFS lists a folder emptied by a delete as a prefix still: count objects, not prefixes)
+    assert sorted({p.split("/")[2] for p in fs.find("retries/pyarrow")}) == ["checkpoint_5"]
+    got = object_io.stats_since(before)
+    injected = faults.counters()
+    faults_seen = injected["slowdown"] + injected["internal_error"] + injected["reset"]
+    assert faults_seen >= 10, injected
+    assert got["gave_up"] == 0 and got["retries"] == faults_seen, (got, injected)
