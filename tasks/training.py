@@ -23,6 +23,7 @@ The code that runs in the workers is tasks/remote.py.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Callable
@@ -188,9 +189,18 @@ def _fit_restarting_lost(name: str, cfg: RunConfig, make_trainer) -> None:
                              f"{cfg.ray.max_failures} from the last checkpoint")
 
 
+# How often Ray Train's controller polls its workers (Ray's default: 2 s). A worker's report waits for the next poll,
+# so at 2 s every checkpointed epoch cost up to 2 s of idle workers: a trainer with 6 reports took 26 s against 13 s
+# at 0.5 s (2 workers, 2 cores). The fit() hands the driver's value to the controller (Ray propagates it); a value
+# already in the environment wins.
+TRAIN_POLL_S = "0.5"
+
+
 def _trainer(name: str, cfg: RunConfig, store_url: str, out, actor, gpus: float, resources: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
 
     storage_path, storage_fs = pyarrow_storage(out.file("ray_train").uri, cfg.storage)
     return TorchTrainer(

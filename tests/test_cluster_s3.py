@@ -310,7 +310,7 @@ def test_blackout_longer_than_the_deadline_fails_in_time_and_the_rerun_redoes_on
     src = load(c.state["e2e_cfg"])
     where = tmp_path_factory.mktemp("blackout")
     store = f"s3://{BUCKET}/blackout"
-    deadline, blackout = 8.0, 45.0
+    deadline, blackout = 8.0, 20.0  # the workers give up within the deadline, well inside the blackout
     cfg_path = cluster_config(c, where / "cfg", store, storage={"timeout_s": deadline, "backoff_max_s": 1.0})
     copy_stages_s3(c, src, store, ["cam_train", "memory_build", "cam_infer", "crf_labels", "affinity_train"])
     cfg = load(cfg_path)
@@ -352,7 +352,7 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
     src = load(c.state["e2e_cfg"])
     where = tmp_path_factory.mktemp("kill_training")
     store = f"s3://{BUCKET}/kill-training"
-    cfg_path = cluster_config(c, where / "cfg", store, refine={"affinity": {"epochs": 4}})
+    cfg_path = cluster_config(c, where / "cfg", store, refine={"affinity": {"epochs": 3}})
     copy_stages_s3(c, src, store, ["cam_train", "memory_build", "cam_infer", "crf_labels"])
     cfg = load(cfg_path)
     aff = stage_out(cfg, "affinity_train")
@@ -375,7 +375,7 @@ def test_node2_killed_mid_training_stage(cluster, tmp_path_factory):
     assert p.returncode == 0, stdout[-4000:]
     summary = aff.summary()
     assert summary["resumed_from_epoch"] is not None and summary["resumed_from_epoch"] >= 1, summary
-    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
 
 def test_node_that_cannot_see_the_store_fails_fast_naming_it(cluster, tmp_path_factory):

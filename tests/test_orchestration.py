@@ -70,7 +70,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     re-run takes over the dead run's stage lease at once, shows finished stages as Cached, recomputes only
     unfinished images, and ends with outputs
     byte-identical to the uninterrupted reference run. To keep CI short the killed run starts from a
-    store holding copies of the reference's CAM stages (same fingerprints); CRF and AffinityNet run in it."""
+    store holding copies of the reference's stages before random_walk (same fingerprints)."""
     from rca_core.config import load_config
     from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
@@ -79,7 +79,7 @@ def test_resume_after_kill9_mid_stage(reference_run, prefect_server, tmp_path):
     ref_cfg = load_config(reference_run["config"])
     cfg_path = write_config(tmp_path / "killed")
     cfg = load_config(cfg_path)
-    copy_stages(ref_cfg, cfg, ["cam_train", "memory_build", "cam_infer", "cam_eval"])
+    copy_stages(ref_cfg, cfg, ["cam_train", "memory_build", "cam_infer", "cam_eval", "crf_labels", "affinity_train"])
     rw = ArtifactStore(cfg.store).stage("random_walk", plan(cfg)["random_walk"].fingerprint)
     p = rca_run(cfg_path, prefect_server, slowdown_env(tmp_path, image_delay=0.4),  # slow per-image work down
                 args=["--stage", "random_walk"])
