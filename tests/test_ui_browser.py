@@ -3,8 +3,9 @@
 Starts a Prefect server on 127.0.0.1 (session fixture) and `rca serve`; opens the deployment in the
 UI; Custom run with one parameter edited in the form; waits for completion; checks through the API
 that the run used the edited value; checks the metrics artifact on the run page; saves screenshots
-to runs/test-output/ui/. A second run with the same parameters shows its stages as Cached. The run
-report opened in the same browser renders (no broken image, no console error).
+to runs/test-output/ui/. The custom run's stages before the segmenter come back Cached from the run that
+`rca serve` was started for (the deployment's cache is the command line's). The run report opened in the same
+browser renders (no broken image, no console error).
 Installs Debian's chromium (apt-get) when missing; the playwright package comes with the test extra.
 """
 from __future__ import annotations
@@ -117,19 +118,6 @@ def test_custom_run_from_the_ui(served):
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("rca-metrics").first.wait_for(timeout=30000)
         page.screenshot(path=str(OUT / "run_artifacts.png"), full_page=True)
-
-        # second run, same parameters, through the API call the UI makes: stages come back Cached
-        t1 = time.time()
-        fr2 = prefect_api.create_run(api, dep["id"], fr["parameters"])
-        fr2 = prefect_api.wait_flow_run(api, fr2["id"], timeout=600)
-        assert fr2["state"]["type"] == "COMPLETED"
-        states = {t["name"]: t["state"]["name"] for t in prefect_api.task_runs_since(api, t1)}
-        for stage in ["cam_train", "cam_infer", "crf_labels", "random_walk", "seg_train", "seg_eval"]:
-            assert states.get(stage) == "Cached", states
-        page.goto(f"{ui}/runs/flow-run/{fr2['id']}")
-        page.get_by_text("Completed").first.wait_for(timeout=30000)
-        page.wait_for_timeout(4000)  # the run graph is drawn on a canvas after the page settles
-        page.screenshot(path=str(OUT / "second_run_cached.png"), full_page=False)
 
         # the run report (written by the pipeline) renders: tables and images, no console error
         from rca_core.config import load_config

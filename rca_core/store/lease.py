@@ -213,7 +213,7 @@ def hold(out, *, ttl_s: float = 60.0, on_busy: str = "wait", wait_timeout_s: flo
     "wait"; `on_wait(holder)` is called once when the wait starts), or LeaseBusy at once ("fail", or when
     `wait_timeout_s` passes). Yields the StageLease; releases it at the end."""
     lease = StageLease(out, ttl_s, run_id)
-    poll = poll_s if poll_s is not None else max(0.5, min(5.0, ttl_s / 6))
+    poll = poll_s if poll_s is not None else max(0.5, min(2.0, ttl_s / 6))  # one small GET per poll
     t0, told = time.time(), None
     while True:
         holder = lease.try_acquire()
