@@ -146,17 +146,22 @@ _TRANSIENT_TEXT = ("SlowDown", "Slow Down", "reduce your request rate", "Service
                    "Connection aborted", "ContentLengthError", "unexpected EOF", "hyper")
 
 
+def error_chain(e: BaseException | None, limit: int = 8) -> list[BaseException]:
+    """An error and its causes (explicit `from`, else the context), at most `limit`, no cycle."""
+    chain: list[BaseException] = []
+    while e is not None and len(chain) < limit and all(e is not x for x in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def retryable(e: BaseException) -> bool:
     """Whether a request's error is worth another try: throttling, a server error, a timeout, a dropped connection.
     "No such object", refused credentials, a failed precondition and the caller's own errors are not. The error's
     causes count too (s3fs turns botocore's error into an OSError whose text loses the S3 error code)."""
     if isinstance(e, (FileNotFoundError, PermissionError, StorageUnavailable)) or is_not_found(e):
         return False
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen and len(chain) < 8:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = error_chain(e)
     if any(isinstance(x, (ConnectionError, TimeoutError, asyncio.TimeoutError)) for x in chain):
         return True
     text = " ".join(f"{type(x).__name__} {x}" for x in chain)

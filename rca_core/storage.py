@@ -286,12 +286,8 @@ def refused_credentials(e: BaseException, location: str) -> bool:
     error codes are matched as whole words over the error and its causes."""
     if protocol(location) in ("file", "local", ""):
         return False
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen and len(chain) < 8:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    if any(isinstance(x, FileNotFoundError) for x in chain[:1]):
+    chain = object_io.error_chain(e)
+    if isinstance(e, FileNotFoundError):
         return False
     heads = (f"{type(x).__name__} {str(x).splitlines()[0] if str(x) else ''}" for x in chain)
     return any(isinstance(x, PermissionError) for x in chain) or any(REFUSED.search(h) for h in heads)

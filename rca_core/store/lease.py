@@ -90,8 +90,7 @@ class Holder:
     def gone(self) -> bool:
         """Whether the holder's process is known to be gone: it ran on this machine (same boot and process
         namespace) and no process with its pid and start time exists. Never true for another machine's holder."""
-        here = _machine()
-        return bool(self.machine and self.started and here == self.machine and _started(self.pid) != self.started)
+        return bool(self.machine and self.started and _MACHINE == self.machine and _started(self.pid) != self.started)
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
