@@ -9,6 +9,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from rca_core.config import RunConfig
+from rca_core.config.run import config_notes
 from rca_core.stages.local import record_run
 from rca_core.stages.planning import plan, run_order
 from rca_core.store import ArtifactStore
@@ -64,6 +65,8 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
     record_run(cfg, ArtifactStore.for_config(cfg))
     _tell(f"data: {', '.join(f'{s} {n}' for s, n in counts.items())} images ({cfg.data.root}, "
           f"{time.time() - t_all:.0f} s); stages: {', '.join(order)}")
+    for note in config_notes(cfg):
+        _tell(f"note: {note}")
     results, rows = {}, []
     with ray_session(cfg.ray):
         for name in order:

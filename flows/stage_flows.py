@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from rca_core.config import RunConfig, check_paths, resolve_paths, stage_weights
-from rca_core.stages.planning import plan
+from rca_core.stages.planning import check_active, plan
 from rca_core.stages.registry import STAGE_NAMES
 from rca_core.store import ArtifactStore
 from tasks.ray_runtime import ray_session
@@ -14,6 +14,7 @@ from tasks.stage_task import cache_key, result_storage_for, run_stage_task
 
 def run_stage_in_flow(name: str, cfg: RunConfig) -> dict:
     """Submit the stage task with the right cache options; returns its pointer + whether it was cached."""
+    check_active(name, cfg)  # a stage this config does not run (cam.source picks another CAM source)
     out = ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint)
     opts = dict(task_run_name=name, refresh_cache=not out.is_complete(), result_storage=result_storage_for(cfg))
     state = run_stage_task.with_options(**opts)(name, cfg, cache_key(name, cfg), return_state=True)

@@ -205,7 +205,7 @@ def write_report(store_url: str, out_dir: str | Path, config: RunConfig) -> str 
     store = ArtifactStore(store_url, cfg.storage, create=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sums = {n: _summary(store, cfg, n) for n in registry.STAGE_NAMES}
+    sums = {s.name: _summary(store, cfg, s.name) for s in registry.active(cfg)}
     plans = plan(cfg)
     stage_rows = [{"stage": n, "status": "complete" if s else "missing",
                    "seconds": (s or {}).get("seconds"), "key": plans[n].key,

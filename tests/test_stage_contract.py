@@ -55,8 +55,8 @@ def test_the_registry_lists_every_stage_module_and_inputs_by_role():
 
     from rca_core.stages import registry
 
-    assert registry.STAGE_NAMES == ["cam_train", "memory_build", "cam_infer", "cam_eval", "crf_labels",
-                                    "affinity_train", "random_walk", "seg_train", "seg_eval"]
+    assert registry.STAGE_NAMES == ["cam_train", "memory_build", "cam_infer", "clip_cam", "cam_import", "cam_eval",
+                                    "crf_labels", "affinity_train", "random_walk", "seg_train", "seg_eval"]
     for rec in registry.STAGES:
         mod = importlib.import_module(rec.module)
         assert hasattr(mod, "Worker" if rec.kind == "per_image" else "train"), rec.name
@@ -76,6 +76,40 @@ def test_conditional_input_and_stage_keys_follow_the_config():
     p, q = plan(cfg), plan(gt)
     assert p["seg_train"].roles == {"masks": "random_walk"} and q["seg_train"].roles == {}
     assert p["seg_train"].key != q["seg_train"].key and p["random_walk"].key == q["random_walk"].key
+
+
+def test_the_cam_source_picks_the_cam_stages_and_keeps_every_other_key():
+    """cam.source swaps cam_train + memory_build + cam_infer for clip_cam or cam_import; the consumers read
+    `cams` from it; an rca run's keys do not move with the other sources' settings, and no consumer key is
+    shared between sources (nothing of one source is reused for another)."""
+    from rca_core.config import ConfigError, RunConfig, load_config
+    from rca_core.stages.planning import plan, run_order, upstream_closure
+
+    tiny = ROOT / "configs/tiny.yaml"
+    rca = load_config(tiny)
+    clip = load_config(tiny, {"cam": {"source": "clip", "clip": {"weights": "random"}}})
+    ext = load_config(tiny, {"cam": {"source": "external", "external": {"dir": str(ROOT)}}})
+    tweaked = load_config(tiny, {"cam": {"clip": {"weights": "random", "templates": ["a photo of a {}."]},
+                                         "external": {"dir": "elsewhere"}}})
+    p, c, e = plan(rca), plan(clip), plan(ext)
+    assert list(p) == ["cam_train", "memory_build", "cam_infer", "cam_eval", "crf_labels", "affinity_train",
+                       "random_walk", "seg_train", "seg_eval"]
+    assert list(c) == ["clip_cam"] + list(p)[3:] and list(e) == ["cam_import"] + list(p)[3:]
+    assert run_order(clip) == list(c)
+    for q, src in ((p, "cam_infer"), (c, "clip_cam"), (e, "cam_import")):
+        assert q["crf_labels"].roles == {"cams": src} and q["random_walk"].roles["cams"] == src
+        assert q["cam_eval"].roles == {"cams": src}
+    assert {n: x.key for n, x in plan(tweaked).items()} == {n: x.key for n, x in p.items()}
+    for n in list(p)[3:]:
+        assert len({p[n].key, c[n].key, e[n].key}) == 3, n
+    assert upstream_closure("random_walk", clip) == ["clip_cam", "crf_labels", "affinity_train", "random_walk"]
+    with pytest.raises(ConfigError, match=r"stage cam_train is off: cam.source is 'clip' \(it runs when cam.source "
+                                          r"is 'rca'\); this config's stages: clip_cam, cam_eval"):
+        upstream_closure("cam_train", clip)
+    with pytest.raises(ValueError, match="cam.source clip needs cam.clip.weights"):
+        RunConfig.model_validate({"cam": {"source": "clip"}})
+    with pytest.raises(ValueError, match="cam.source external needs cam.external.dir"):
+        RunConfig.model_validate({"cam": {"source": "external"}})
 
 
 def test_an_undeclared_input_role_is_named(tmp_path):

@@ -74,7 +74,59 @@ class CamTrainConfig(StrictModel):
     max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
 
 
+# CLIP-ES's background words (the official code's list for VOC): CLIP scores an image region against these as
+# well as the class names, and the softmax over both keeps a class's CAM off the ground, sky, water, ...
+CLIP_BACKGROUND = ["ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+                   "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock",
+                   "street", "valley", "bridge", "sign"]
+
+
+class ClipConfig(StrictModel):
+    """The frozen-CLIP CAM source (cam.source: clip; CLIP-ES, docs/method.md "CLIP CAM source")."""
+
+    weights: str | None = Field(None, description=(
+        "CLIP weights: a local file (or a store URL) - OpenAI's ViT-B-16.pt (TorchScript or state dict) or an "
+        "open_clip checkpoint of `model`; 'random' = a random-init CLIP for tests and demos (its CAMs mean "
+        "nothing). Nothing is downloaded"))
+    model: str = Field("ViT-B-16", description="open_clip architecture of an open_clip checkpoint (OpenAI files "
+                                                "carry their own) and of random weights when random_arch is 'model'")
+    random_arch: Literal["small", "model"] = Field("small", description=(
+        "architecture of random weights: 'small' (4 layers of width 64: seconds on a CPU) or `model` (the "
+        "real one's cost, for benchmarks)"))
+    templates: list[str] = Field(["a clean origami {}."], min_length=1, description=(
+        "prompt templates ('{}' = the class name); a class's text embedding is the mean over them"))
+    prompt_names: dict[str, str] = Field(default_factory=dict, description=(
+        "class name -> the words put in the prompt (CLIP-ES: person -> 'person with clothes,people,human')"))
+    background: list[str] = Field(CLIP_BACKGROUND, description=(
+        "background words scored beside the classes (the softmax over both suppresses background regions)"))
+    scales: list[float] = Field([1.0], min_length=1, description="image scales (CLIP-ES: 1.0 only)")
+    flip: bool = Field(False, description="also the flipped image (CLIP-ES: no)")
+    caa: bool = Field(True, description="class-aware attention affinity refinement (CAA) of the GradCAM")
+    caa_layers: int = Field(8, ge=1, description="CAA: attention of the last N transformer blocks, averaged")
+    caa_box_threshold: float = Field(0.4, gt=0, lt=1, description=(
+        "CAA: a class's boxes are the bounding boxes of the regions where its CAM > threshold x its max"))
+    sinkhorn_iters: int = Field(3, ge=1, description="CAA: column/row normalisations of the attention")
+    seed: int = Field(0, description="seed of random weights (every worker builds the same random CLIP)")
+
+
+class ExternalCamConfig(StrictModel):
+    """CAMs made elsewhere (cam.source: external): a folder of IRN-layout .npy files, one per image."""
+
+    dir: str | None = Field(None, description=(
+        "folder (local, or a URL the workers can read) of <image_id>.npy files, each a saved dict with 'keys' "
+        "(0-based foreground class indices, IRN's make_cam.py) and the CAM array under `field`"))
+    field: str = Field("high_res", description=(
+        "the dict entry with the (n_keys, H, W) image-resolution CAMs: IRN 'high_res', CLIP-ES 'attn_highres'"))
+    keys_base: Literal[0, 1] = Field(0, description="0: keys are foreground indices (class id - 1; IRN, CLIP-ES); "
+                                                    "1: keys are class ids")
+
+
 class CamConfig(StrictModel):
+    source: Literal["rca", "clip", "external"] = Field("rca", description=(
+        "where the CAMs come from: rca (cam_train -> memory_build -> cam_infer), clip (clip_cam: a frozen CLIP, "
+        "no CAM training) or external (cam_import: .npy CAMs made elsewhere); every later stage is the same"))
+    clip: ClipConfig = ClipConfig()
+    external: ExternalCamConfig = ExternalCamConfig()
     backbone: BackboneConfig = BackboneConfig()
     memory: MemoryBankConfig = MemoryBankConfig()
     contrast: ContrastConfig = ContrastConfig()
@@ -83,6 +135,11 @@ class CamConfig(StrictModel):
 
     @model_validator(mode="after")
     def _parts(self):
+        if self.source == "clip" and not self.clip.weights:
+            raise ValueError("cam.source clip needs cam.clip.weights: a local CLIP weights file (OpenAI's "
+                             "ViT-B-16.pt) or 'random' (tests and demos)")
+        if self.source == "external" and not self.external.dir:
+            raise ValueError("cam.source external needs cam.external.dir: the folder of .npy CAMs")
         if self.contrast.enabled and not self.memory.enabled:
             raise ValueError("cam.contrast.enabled needs cam.memory.enabled (the contrast is against the memory)")
         if self.aggregation.enabled and not self.memory.enabled:

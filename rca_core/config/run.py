@@ -74,7 +74,14 @@ class LeaseConfig(StrictModel):
         "on_busy wait: give up after this long (None: wait as long as the holder keeps renewing its lease)"))
 
 
-WEIGHT_KEYS = ("cam.backbone.pretrained", "refine.affinity.backbone.pretrained", "segmenter.pretrained")
+WEIGHT_KEYS = ("cam.backbone.pretrained", "cam.clip.weights", "refine.affinity.backbone.pretrained",
+               "segmenter.pretrained")
+NO_FILE = ("random",)  # weight-key values that name no file (cam.clip.weights: random)
+DATA_KEYS = ("cam.external.dir",)  # folders of inputs made elsewhere (read where the stage runs)
+
+
+def _file_value(v) -> bool:
+    return bool(v) and v not in NO_FILE
 
 
 class RunConfig(StrictModel):
@@ -98,6 +105,15 @@ class RunConfig(StrictModel):
     def resolved_yaml(self) -> str:
         import yaml
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def config_notes(cfg: RunConfig) -> list[str]:
+    """What a person should know about this config before its numbers are read (one console line each)."""
+    notes = []
+    if cfg.cam.source == "clip" and cfg.cam.clip.weights == "random":
+        notes.append("cam.clip.weights is 'random': a random-init CLIP makes the CAMs (for tests and demos); "
+                     "its CAMs, and every figure after them, mean nothing")
+    return notes
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> RunConfig:
@@ -134,7 +150,7 @@ def set_key(cfg: RunConfig, key: str, value) -> None:
 
 def path_keys(cfg: RunConfig) -> list[str]:
     """Every config key that names a file or folder that stages read."""
-    return ["store", "data.root", "data.labels_file", "data.saliency_dir", *WEIGHT_KEYS]
+    return ["store", "data.root", "data.labels_file", "data.saliency_dir", *WEIGHT_KEYS, *DATA_KEYS]
 
 
 def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
@@ -145,7 +161,7 @@ def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
     out = cfg.model_copy(deep=True)
     for key in path_keys(out):
         v = get_key(out, key)
-        if v:
+        if _file_value(v):
             set_key(out, key, storage.absolute(v, base))
     return out
 
@@ -170,8 +186,10 @@ def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
         problems.append(f"  data.root: directory not found: {cfg.data.root}")
     for key in ("data.labels_file", "data.saliency_dir", *WEIGHT_KEYS):
         value = get_key(cfg, key)
-        if value and not there(value):
+        if _file_value(value) and not there(value):
             problems.append(f"  {key}: path not found: {value}")
+    if cfg.cam.source == "external" and not there(cfg.cam.external.dir, want_dir=True):
+        problems.append(f"  cam.external.dir: directory not found: {cfg.cam.external.dir}")
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
 
@@ -189,7 +207,7 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     out = cfg.model_copy(deep=True)
     for key in WEIGHT_KEYS:
         v = get_key(out, key)
-        if not v or storage.is_url(v):
+        if not _file_value(v) or storage.is_url(v):
             continue
         digest = storage.content_hash(v)
         target = storage.join(store_url, "_inputs", "weights", digest, Path(v).name)
@@ -199,4 +217,4 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     return out
 
 
-__all__ = ["RunConfig", "ComputeConfig", "RayConfig", "LeaseConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]
+__all__ = ["RunConfig", "config_notes", "ComputeConfig", "RayConfig", "LeaseConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]

@@ -49,12 +49,29 @@ def check_stage_names(cfg: RunConfig) -> None:
 
 
 def plan(cfg: RunConfig) -> dict[str, StagePlan]:
-    """The plan of every stage, in run order."""
+    """The plan of every stage this config runs (its record's `when` holds), in run order."""
     check_stage_names(cfg)
     out: dict[str, StagePlan] = {}
-    for rec in registry.STAGES:
+    for rec in registry.active(cfg):
+        missing = [i for i in rec.upstream(cfg) if i not in out]
+        if missing:  # a registry whose inputs and `when`s disagree: name both
+            raise ConfigError(f"stage {rec.name} reads {', '.join(missing)}, which this config does not run: "
+                              + "; ".join(inactive_why(m, cfg) for m in missing))
         out[rec.name] = stage_plan(rec.name, cfg, {i: out[i].fingerprint for i in rec.upstream(cfg)})
     return out
+
+
+def inactive_why(name: str, cfg: RunConfig) -> str:
+    """Why a registered stage is not part of this config's pipeline."""
+    rec = registry.get(name)
+    return f"stage {name} is off: {rec.when.describe(cfg)}" if rec.when is not None else f"stage {name} is on"
+
+
+def check_active(name: str, cfg: RunConfig) -> None:
+    """ConfigError naming the config key when `name` is a registered stage this config does not run."""
+    if not registry.get(name).active(cfg):
+        raise ConfigError(f"{inactive_why(name, cfg)}; this config's stages: "
+                          f"{', '.join(s.name for s in registry.active(cfg))}")
 
 
 def stage_plan(name: str, cfg: RunConfig, inputs: dict[str, str]) -> StagePlan:
@@ -67,6 +84,7 @@ def stage_plan(name: str, cfg: RunConfig, inputs: dict[str, str]) -> StagePlan:
 def upstream_closure(name: str, cfg: RunConfig) -> list[str]:
     """`name` and every stage it needs, in run order."""
     need: set[str] = set()
+    check_active(name, cfg)
 
     def visit(n: str) -> None:
         if n in need:
@@ -82,7 +100,7 @@ def upstream_closure(name: str, cfg: RunConfig) -> list[str]:
 def run_order(cfg: RunConfig, wanted: list[str] | None = None) -> list[str]:
     """The stages to run for `wanted` (default: all) and everything they need, in run order."""
     if not wanted:
-        return list(STAGE_NAMES)
+        return [s.name for s in registry.active(cfg)]
     need = {n for w in wanted for n in upstream_closure(w, cfg)}
     return [n for n in STAGE_NAMES if n in need]
 
@@ -101,6 +119,7 @@ def data_identity(cfg: RunConfig) -> dict:
 
 
 _WEIGHT_HASHES: dict[tuple, str] = {}
+WEIGHT_FILE_KEYS = ("pretrained", "weights")  # config keys that name a weights file ("random": none)
 
 
 def weights_identity(section: Any) -> Any:
@@ -111,8 +130,8 @@ def weights_identity(section: Any) -> Any:
 
     def walk(obj):
         if isinstance(obj, dict):
-            return {k: (_weights_hash(v) if k == "pretrained" and isinstance(v, str) and v else walk(v))
-                    for k, v in obj.items()}
+            return {k: (_weights_hash(v) if k in WEIGHT_FILE_KEYS and isinstance(v, str) and v and v != "random"
+                        else walk(v)) for k, v in obj.items()}
         if isinstance(obj, list):
             return [walk(v) for v in obj]
         return obj
@@ -140,4 +159,4 @@ def _weights_hash(location: str) -> str:
 
 
 __all__ = ["StagePlan", "plan", "stage_plan", "upstream_closure", "run_order", "data_identity", "weights_identity",
-           "check_stage_names"]
+           "check_stage_names", "check_active", "inactive_why"]

@@ -12,7 +12,11 @@ A record says everything the orchestration needs to know about a stage without i
 - `fields` (per-image arrays it writes), `prefetch` (inputs read ahead of each image on I/O threads:
   "image", "mask", "<role>/<field>");
 - `gpu`: whether its workers ask for a GPU where the cluster has one; `ray.stage_gpus` in the run config
-  overrides it per stage (e.g. `{crf_labels: false, cam_infer: true}`).
+  overrides it per stage (e.g. `{crf_labels: false, cam_infer: true}`);
+- `when`: the config values under which the stage is part of the pipeline at all (`When("cam.source", "rca")`;
+  None = always). An input may name alternatives, `OneOf(Use(...), Use(...))`: the first one whose `when`
+  holds is read, so the CAM consumers read `cams` from whichever CAM source the config picks
+  (cam_infer, clip_cam or cam_import) and never name one.
 
 Adding a stage = its own module under rca_core/stages/, its config section, and one record here; the
 flows and tasks take it from the list (docs/architecture.md, "Adding a stage"). The list is checked when
@@ -50,6 +54,57 @@ class Use:
 
 
 @dataclass(frozen=True)
+class When:
+    """A config condition that can say what it is: `When("cam.source", "clip")` holds when that key has one of
+    the values."""
+
+    key: str
+    values: tuple
+    def __init__(self, key: str, *values):
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "values", tuple(values))
+
+    def value(self, cfg: "RunConfig"):
+        obj = cfg
+        for part in self.key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __call__(self, cfg: "RunConfig") -> bool:
+        return self.value(cfg) in self.values
+
+    def describe(self, cfg: "RunConfig") -> str:
+        want = " or ".join(repr(v) for v in self.values)
+        return f"{self.key} is {self.value(cfg)!r} (it runs when {self.key} is {want})"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """An input with alternatives: the first `Use` whose condition holds for the config is read."""
+
+    options: tuple[Use, ...]
+
+    def __init__(self, *options: Use):
+        object.__setattr__(self, "options", tuple(options))
+
+    def pick(self, cfg: "RunConfig | None") -> Use | None:
+        if cfg is None:
+            return self.options[0]
+        return next((u for u in self.options if u.active(cfg)), None)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(u.stage for u in self.options)
+
+
+def _options(src: "str | Use | OneOf") -> tuple[str, ...]:
+    """Every upstream stage an input may name."""
+    if isinstance(src, OneOf):
+        return src.stages
+    return (src.stage if isinstance(src, Use) else src,)
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     kind: str
@@ -62,12 +117,23 @@ class Stage:
     prefetch: tuple[str, ...] = ()
     gpu: bool = False
     doc: str = ""
+    when: When | None = None
+
+    def active(self, cfg: "RunConfig | None") -> bool:
+        """Whether the stage is part of the pipeline for this config."""
+        return self.when is None or cfg is None or self.when(cfg)
 
     def uses(self, cfg: "RunConfig | None" = None) -> dict[str, str]:
         """role -> upstream stage name, for this config (conditional inputs left out when off)."""
         out = {}
         for role, src in self.inputs.items():
-            use = src if isinstance(src, Use) else Use(src)
+            if isinstance(src, OneOf):
+                use = src.pick(cfg)
+                if use is None:
+                    raise RegistryError(f"stage registry, stage {self.name!r}: input {role!r}: none of "
+                                        f"{', '.join(src.stages)} is on for this config")
+            else:
+                use = src if isinstance(src, Use) else Use(src)
             if use.active(cfg):
                 out[role] = use.stage
         return out
@@ -82,8 +148,13 @@ class Stage:
         return self.gpu if chosen is None else bool(chosen)
 
 
+_CAM_SOURCE_KEYS = {"source", "clip", "external"}  # the CAM source switch and the other sources' sections
+
+
 def _cam(c):
-    return {"cam": c.cam}
+    # the RCA network's section: the source switch and the other sources' settings are not part of it, so a
+    # clip or external run leaves cam_train's key (and every key of an rca run) as it was
+    return {"cam": c.cam.model_dump(mode="json", exclude=_CAM_SOURCE_KEYS)}
 
 
 def _seg_train_section(c):
@@ -98,30 +169,41 @@ def _pseudo_labels(c) -> bool:
     return c.segmenter.labels == "pseudo"
 
 
+_RCA, _CLIP, _EXTERNAL = When("cam.source", "rca"), When("cam.source", "clip"), When("cam.source", "external")
+# the CAMs every consumer reads: from the stage of the configured source (cam.source)
+_CAMS = OneOf(Use("cam_infer", when=_RCA), Use("clip_cam", when=_CLIP), Use("cam_import", when=_EXTERNAL))
+
 # code_version history: cam_train 2 and affinity_train 2 (batch_size is the global batch; backbone batchnorm /
 # frozen_stages), cam_infer 2 (only the image-resolution CAM stored), seg_train 2 (global batch; freeze_bn =
 # FrozenBatchNorm2d).
 STAGES: list[Stage] = [
-    Stage("cam_train", "training", "rca_core.stages.cam_train", "2", _cam, gpu=True,
+    Stage("cam_train", "training", "rca_core.stages.cam_train", "2", _cam, gpu=True, when=_RCA,
           doc="backbone + CAM head + RCA memory bank, semantic contrast and aggregation"),
     Stage("memory_build", "per_image", "rca_core.stages.memory_build", "1", lambda c: {"agg": c.cam.aggregation},
-          inputs={"model": "cam_train"}, fields=("emb",), prefetch=("image",), gpu=True,
+          inputs={"model": "cam_train"}, fields=("emb",), prefetch=("image",), gpu=True, when=_RCA,
           doc="region embedding of every (image, class); per-class k-means prototypes"),
     Stage("cam_infer", "per_image", "rca_core.stages.cam_infer", "2", lambda c: {"infer": c.cam_infer},
           inputs={"model": "cam_train", "prototypes": "memory_build"}, fields=("cam",), prefetch=("image",),
-          gpu=True, doc="multi-scale + flip CAMs through the aggregation branch"),
+          gpu=True, when=_RCA, doc="multi-scale + flip CAMs through the aggregation branch"),
+    Stage("clip_cam", "per_image", "rca_core.stages.clip_cam", "1",
+          lambda c: {"clip": c.cam.clip, "dtype": c.cam_infer.dtype}, fields=("cam",), prefetch=("image",),
+          gpu=True, when=_CLIP, doc="CLIP-ES CAMs from a frozen CLIP (no CAM training): GradCAM + CAA"),
+    Stage("cam_import", "per_image", "rca_core.stages.cam_import", "1",
+          lambda c: {"external": c.cam.external, "dtype": c.cam_infer.dtype}, fields=("cam",), prefetch=("image",),
+          when=_EXTERNAL,
+          doc="CAMs made elsewhere (a folder of IRN-layout .npy files), checked and imported"),
     Stage("cam_eval", "per_image", "rca_core.stages.cam_eval", "1", lambda c: {"eval": c.cam_eval},
-          split="eval_split", inputs={"cams": "cam_infer"}, prefetch=("mask", "cams/cam"),
+          split="eval_split", inputs={"cams": _CAMS}, prefetch=("mask", "cams/cam"),
           doc="CAM mIoU over a background-threshold sweep"),
     Stage("crf_labels", "per_image", "rca_core.stages.crf_labels", "1", lambda c: {"crf": c.refine.crf},
-          inputs={"cams": "cam_infer"}, fields=("crf_label",), prefetch=("image", "cams/cam", "mask"),
+          inputs={"cams": _CAMS}, fields=("crf_label",), prefetch=("image", "cams/cam", "mask"),
           doc="dense CRF: confident foreground / background, 255 elsewhere"),
     Stage("affinity_train", "training", "rca_core.stages.affinity_train", "2",
           lambda c: {"aff": c.refine.affinity}, inputs={"labels": "crf_labels"}, gpu=True,
           doc="AffinityNet on pairs from the confident labels"),
     Stage("random_walk", "per_image", "rca_core.stages.random_walk", "1",
           lambda c: {"rw": c.refine.random_walk, "sal": c.refine.saliency},
-          inputs={"cams": "cam_infer", "affinity": "affinity_train"}, fields=("pseudo_mask",),
+          inputs={"cams": _CAMS, "affinity": "affinity_train"}, fields=("pseudo_mask",),
           prefetch=("image", "cams/cam", "mask"), doc="affinity random walk over the CAMs -> pseudo-masks"),
     Stage("seg_train", "training", "rca_core.stages.seg_train", "2", _seg_train_section,
           inputs={"masks": Use("random_walk", when=_pseudo_labels)}, gpu=True,
@@ -150,18 +232,18 @@ def validate(stages: list[Stage]) -> None:
         if s.kind == "training" and (s.fields or s.prefetch):
             raise RegistryError(f"{where}: a training stage writes no per-image fields and prefetches nothing")
         for role, src in s.inputs.items():
-            up = src.stage if isinstance(src, Use) else src
             if not _NAME.match(role):
                 raise RegistryError(f"{where}: input role {role!r} must be lower-case letters, digits and '_'")
-            if up == s.name:
-                raise RegistryError(f"{where}: input {role!r} names the stage itself (a cycle)")
-            if up not in seen:
-                later = any(t.name == up for t in stages)
-                raise RegistryError(
-                    f"{where}: input {role!r} names {up!r}, " + (
-                        "which is registered after it (stages are listed in run order; an input that comes "
-                        "later would make a cycle)" if later else
-                        f"which is not a registered stage (stages: {', '.join(t.name for t in stages)})"))
+            for up in _options(src):
+                if up == s.name:
+                    raise RegistryError(f"{where}: input {role!r} names the stage itself (a cycle)")
+                if up not in seen:
+                    later = any(t.name == up for t in stages)
+                    raise RegistryError(
+                        f"{where}: input {role!r} names {up!r}, " + (
+                            "which is registered after it (stages are listed in run order; an input that comes "
+                            "later would make a cycle)" if later else
+                            f"which is not a registered stage (stages: {', '.join(t.name for t in stages)})"))
         for f in s.fields:
             if not _NAME.match(f):
                 raise RegistryError(f"{where}: field {f!r} must be lower-case letters, digits and '_'")
@@ -172,11 +254,11 @@ def validate(stages: list[Stage]) -> None:
             if role not in s.inputs or not fld:
                 raise RegistryError(f"{where}: prefetch {spec!r} must be 'image', 'mask' or '<role>/<field>' with "
                                     f"one of its input roles ({', '.join(s.inputs) or 'none'})")
-            up = s.inputs[role]
-            up_stage = seen[up.stage if isinstance(up, Use) else up]
-            if fld not in up_stage.fields:
-                raise RegistryError(f"{where}: prefetch {spec!r}: stage {up_stage.name!r} writes no field {fld!r} "
-                                    f"(its fields: {', '.join(up_stage.fields) or 'none'})")
+            for up in _options(s.inputs[role]):
+                up_stage = seen[up]
+                if fld not in up_stage.fields:
+                    raise RegistryError(f"{where}: prefetch {spec!r}: stage {up_stage.name!r} writes no field "
+                                        f"{fld!r} (its fields: {', '.join(up_stage.fields) or 'none'})")
         seen[s.name] = s
 
 
@@ -197,10 +279,15 @@ def by_kind(kind: str) -> list[Stage]:
     return [s for s in STAGES if s.kind == kind]
 
 
+def active(cfg: "RunConfig | None") -> list[Stage]:
+    """The stages that make up the pipeline for this config, in run order."""
+    return [s for s in STAGES if s.active(cfg)]
+
+
 def consumers(name: str, cfg: "RunConfig | None" = None) -> list[Stage]:
     """The stages that read `name` (for this config)."""
-    return [s for s in STAGES if name in s.upstream(cfg)]
+    return [s for s in active(cfg) if name in s.upstream(cfg)]
 
 
-__all__ = ["Stage", "Use", "STAGES", "STAGE_NAMES", "RegistryError", "validate", "get", "by_kind", "consumers",
+__all__ = ["Stage", "Use", "When", "OneOf", "active", "STAGES", "STAGE_NAMES", "RegistryError", "validate", "get", "by_kind", "consumers",
            "KINDS", "SPLITS"]
