@@ -7,6 +7,7 @@ scaling     the same stages on 1 -> N actors of one host (goal: >= 1.8x from 1 t
 nodes       1 -> 2 Ray nodes that share no disk, store and data in an S3 bucket (goal: >= 1.8x)
 ray-data    the run's actor pool vs Ray Data map_batches with an actor class, same stage code
 voc-cost    per-image cost of every stage of configs/voc12.yaml at VOC size, and full-run projections
+cam-sources seconds per image of RCA's CAMs (memory_build + cam_infer) and CLIP's (clip_cam) at VOC size
 growth      peak memory and time of every step at 1x and 4x the images (goals: flat memory, linear time)
 
 Every per-image stage runs through the one lifecycle of rca_core.stages.runner (PerImageRun, build_worker,
@@ -593,22 +594,40 @@ def network_flops(cfg) -> dict[str, float]:
     return out
 
 
-def measure_voc(args) -> dict:
-    """Every stage of the config in this process on a VOC-size tree: per-image stages through the one per-image
-    lifecycle (PerImageRun, build_worker timed apart, run_shard, finish), training stages through
-    run_planned_stage."""
-    import torch
-
-    from bench._lib.harness import voc_tree_writers
-    from rca_core.config import load_config
+def time_stage(name: str, cfg, store, plans) -> dict:
+    """One stage in this process: a per-image stage through the one per-image lifecycle (PerImageRun, its Worker's
+    build timed apart as setup, run_shard, finish), a training stage through run_planned_stage."""
     from rca_core.stages.local import run_planned_stage
-    from rca_core.stages.planning import plan
-    from rca_core.stages.registry import STAGE_NAMES
     from rca_core.stages.runner import PerImageRun, build_worker, run_shard
-    from rca_core.store import ArtifactStore
+
+    t0 = time.perf_counter()
+    if plans[name].kind == "per_image":
+        run = PerImageRun(name, cfg, store, plans)
+        listed = run.begin()
+        worker = build_worker(name, cfg, store, ctx=run.ctx)
+        setup = time.perf_counter() - t0
+        man = run.absorb(run_shard(worker, run.ids, listed))
+        run.finish()
+        per = [r["seconds"] for r in man]
+        row = {"stage": name, "kind": "per-image", "images": len(per), "setup_s": round(setup, 1),
+               "s_per_img": sum(per) / len(per)}
+    else:
+        summary = run_planned_stage(name, cfg, store, plans, show_progress=False)
+        steps, loop = summary["steps"], summary["train_seconds"]
+        row = {"stage": name, "kind": "training", "images": steps * summary["global_batch"],
+               "setup_s": round(time.perf_counter() - t0 - loop, 1),
+               "s_per_img": loop / (steps * summary["global_batch"])}
+    print(f"[bench] {row}", flush=True)
+    return row
+
+
+def voc_work(args) -> dict:
+    """A VOC-layout tree at 500x375 / 375x500 (the VOC-size test's writer) and random-init ResNet-50/101 weight
+    files in --work (wiped first); the config overrides that point the recipe at them, with --train-steps
+    steps of --train-batch images per training stage and --threads torch threads."""
+    from bench._lib.harness import voc_tree_writers
 
     write_voc_tree, write_random_init_weights = voc_tree_writers()
-    torch.set_num_threads(args.threads)
     os.environ["RCA_NO_PROGRESS"] = "1"
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -626,29 +645,25 @@ def measure_voc(args) -> dict:
             "segmenter": {"pretrained": str(work / "weights" / "resnet101-imagenet.pth"), "batch_size": b,
                           "epochs": args.train_steps * b / n},
             "compute": {"device": "cpu", "threads": args.threads}}
+    return over
+
+
+def measure_voc(args) -> dict:
+    """Every stage of the config in this process on a VOC-size tree: per-image stages through the one per-image
+    lifecycle (PerImageRun, build_worker timed apart, run_shard, finish), training stages through
+    run_planned_stage."""
+    import torch
+
+    from rca_core.config import load_config
+    from rca_core.stages.planning import plan
+    from rca_core.store import ArtifactStore
+
+    torch.set_num_threads(args.threads)
+    over = voc_work(args)
     cfg = load_config(config_file(args.config), over)
     store = ArtifactStore(cfg.store)
     plans = plan(cfg)
-    rows = []
-    for name in STAGE_NAMES:
-        t0 = time.perf_counter()
-        if plans[name].kind == "per_image":
-            run = PerImageRun(name, cfg, store, plans)
-            listed = run.begin()
-            worker = build_worker(name, cfg, store, ctx=run.ctx)
-            setup = time.perf_counter() - t0
-            man = run.absorb(run_shard(worker, run.ids, listed))
-            run.finish()
-            per = [r["seconds"] for r in man]
-            rows.append({"stage": name, "kind": "per-image", "images": len(per), "setup_s": round(setup, 1),
-                         "s_per_img": sum(per) / len(per)})
-        else:
-            summary = run_planned_stage(name, cfg, store, plans, show_progress=False)
-            steps, loop = summary["steps"], summary["train_seconds"]
-            rows.append({"stage": name, "kind": "training", "images": steps * summary["global_batch"],
-                         "setup_s": round(time.perf_counter() - t0 - loop, 1),
-                         "s_per_img": loop / (steps * summary["global_batch"])})
-        print(f"[voc-cost] {rows[-1]}", flush=True)
+    rows = [time_stage(name, cfg, store, plans) for name in plans]
     return {"rows": rows, "cfg": cfg.model_dump(mode="json")}
 
 
@@ -856,6 +871,82 @@ dependency order into a fresh store per scale. Train and val images are both sca
                            "train_epochs": args.train_epochs, "steps": {str(s): res[s] for s in args.scales}})
 
 
+# ============================================================================================ cam-sources
+def cam_sources_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--images", type=int, default=8, help="train_aug images (half VOC train, half SBD-only)")
+    ap.add_argument("--val-images", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = the cost per core)")
+    ap.add_argument("--train-batch", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=1, help="cam_train steps (its weights only feed cam_infer)")
+    ap.add_argument("--work", default=str(BENCH_RUNS / "cam_sources"), help="scratch folder (wiped first)")
+
+
+def clip_flops(cfg, image_shape=(375, 500)) -> float:
+    """FLOPs of clip_cam on one image with `image_shape` and two labelled classes (forward + GradCAM backward)."""
+    import numpy as np
+
+    from rca_core.models.clip_es import ClipCam, build_clip, text_embeddings
+
+    c = cfg.cam.clip
+    model = build_clip(c)
+    fg = text_embeddings(model, ["a", "b"], c.templates)
+    bg = text_embeddings(model, c.background, c.templates)
+    img = np.zeros((*image_shape, 3), np.uint8)
+    cam = ClipCam(model, fg, bg, c)
+    return _flops(lambda: cam(img, [0, 1]))
+
+
+def cam_sources(args) -> Result:
+    """Seconds per image of each CAM source at PASCAL VOC size on this CPU: RCA's (memory_build + cam_infer of
+configs/voc12.yaml: ResNet-50, 4 scales + flip) beside CLIP's (clip_cam of configs/voc12_clip.yaml: ViT-B/16 at
+the image's size rounded up to 16, GradCAM per labelled class + CAA), same images, same threads, in one process
+through the one per-image lifecycle (the Worker's model build timed apart as setup). Random weights on both sides
+(`cam.clip.random_arch: model`: the real ViT-B/16 architecture, so the cost is the real one); cam_train runs
+--train-steps steps only to give cam_infer a model (RCA's training cost per image is voc-cost's). GFLOP/img from
+torch.utils.flop_counter (clip_cam: forward + the GradCAM backward of 2 classes), GFLOP/s = that / s_per_img,
+beside this CPU's ResNet-50 forward rate. No goal: the figures say what each source costs."""
+    import torch
+
+    from rca_core.config import load_config
+    from rca_core.config.base import deep_update
+    from rca_core.stages.planning import plan
+    from rca_core.store import ArtifactStore
+
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    over = voc_work(args)
+    rca_cfg = load_config(config_file("configs/voc12.yaml"), over)
+    clip_over = deep_update(over, {"cam": {"clip": {"weights": "random", "random_arch": "model"}}})
+    clip_cfg = load_config(config_file("configs/voc12_clip.yaml"), clip_over)
+    store = ArtifactStore(rca_cfg.store)
+    rows = []
+    p = plan(rca_cfg)
+    for name in ("cam_train", "memory_build", "cam_infer"):
+        row = time_stage(name, rca_cfg, store, p)
+        if name != "cam_train":
+            rows.append({"source": "rca", **row})
+    rows.append({"source": "clip", **time_stage("clip_cam", clip_cfg, store, plan(clip_cfg))})
+    fl = network_flops(rca_cfg)
+    fl["clip_cam"] = clip_flops(clip_cfg)
+    rate = cpu_flop_rate(args.threads)
+    for r in rows:
+        f = fl.get(r["stage"], 0.0)
+        r["gflop_per_img"] = round(f / 1e9, 1)
+        r["gflop_per_s"] = round(f / 1e9 / r["s_per_img"], 1) if r["s_per_img"] else None
+        r["s_per_img"] = round(r["s_per_img"], 2)
+    rca_s = sum(r["s_per_img"] for r in rows if r["source"] == "rca")
+    clip_s = next(r["s_per_img"] for r in rows if r["source"] == "clip")
+    seconds = time.time() - t0
+    headline = {"rca CAMs (memory_build + cam_infer)": f"{rca_s:.2f} s/img",
+                "clip CAMs (clip_cam, ViT-B/16)": f"{clip_s:.2f} s/img",
+                "clip / rca": f"{clip_s / rca_s:.2f}x"}
+    notes = (f"{args.images} train_aug images at 500x375 / 375x500, {args.threads} torch thread(s), one process, "
+             f"random weights; this CPU runs a ResNet-50 forward at {rate / 1e9:.1f} GFLOP/s. RCA's CAMs also need "
+             f"cam_train (not in these rows). Total {seconds:.0f} s.")
+    return Result("CAM sources at VOC size: seconds per image of RCA's and CLIP's CAMs", rows, headline=headline,
+                  notes=notes, details={"rows": rows, "cpu_gflops": rate / 1e9, "seconds": seconds})
+
+
 SUBJECT = Subject("stages", __doc__, [
     Benchmark("throughput", "per-image stages: images/s per worker, plain loop vs one Ray actor", throughput_args,
               throughput),
@@ -867,6 +958,8 @@ SUBJECT = Subject("stages", __doc__, [
     Benchmark("ray-data", "the run's actor pool vs Ray Data map_batches, same stage code", ray_data_args, ray_data),
     Benchmark("voc-cost", "per-image cost of every voc12 stage at VOC size + full-run projections", voc_cost_args,
               voc_cost),
+    Benchmark("cam-sources", "seconds per image of RCA's and CLIP's CAMs at VOC size (cam_infer vs clip_cam)",
+              cam_sources_args, cam_sources),
     Benchmark("growth", "peak memory and time per step at 1x and 4x the images (flat memory, linear time)",
               growth_args, growth),
 ], children=[Child("_growth-step", 2, growth_step)])

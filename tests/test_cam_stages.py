@@ -136,3 +136,31 @@ def test_uint8_cams_round_trip_within_half_a_step_and_every_reader_decodes_them(
     out.write("a", {"cam": q}, attrs={"classes": [1, 4]})
     got, classes = read_cams(out, "a")
     assert classes == [1, 4] and got.dtype == np.float32 and np.array_equal(got, decode_cam(q))
+
+
+def test_cam_infer_starts_from_a_given_checkpoint_without_training(data_root, tmp_path, monkeypatch):
+    """cam.checkpoint: another run's cam_train model.pt is passed on untrained; memory_build and cam_infer give
+    the CAMs of the run that trained it, under keys of their own (the key hashes the file's content)."""
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+    first = tiny(data_root, tmp_path / "trained")
+    run_stage("cam_infer", first, show_progress=False)
+    fp = plan(first)
+    trained = ArtifactStore(first.store).stage("cam_train", fp["cam_train"].fingerprint)
+    given = tiny(data_root, tmp_path / "given", checkpoint=trained.file("model.pt").path)
+    gp = plan(given)
+    assert gp["cam_train"].key != fp["cam_train"].key and gp["cam_infer"].key != fp["cam_infer"].key
+    assert {n: p.key for n, p in plan(tiny(data_root, tmp_path / "trained")).items()} == \
+        {n: p.key for n, p in fp.items()}  # an unset checkpoint leaves every key as it was
+    run_stage("cam_infer", given, show_progress=False)
+    store = ArtifactStore(given.store)
+    summary = store.stage("cam_train", gp["cam_train"].fingerprint).summary()
+    assert summary["trained"] is False and summary["steps"] == 0
+    a = ArtifactStore(first.store).stage("cam_infer", fp["cam_infer"].fingerprint)
+    b = store.stage("cam_infer", gp["cam_infer"].fingerprint)
+    for i in a.listed_ids():
+        assert np.array_equal(a.read(i, "cam")[0], b.read(i, "cam")[0]), i
+    wrong = tiny(data_root, tmp_path / "wrong", checkpoint=trained.file("model.pt").path,
+                 backbone={"name": "small", "output_stride": 8, "width": 16})
+    with pytest.raises(ValueError, match=r"cam.checkpoint .*model.pt does not fit the configured network"):
+        run_stage("cam_train", wrong, show_progress=False)

@@ -246,6 +246,43 @@ def test_second_machine_sees_every_stage_cached(cluster, tmp_path_factory):
     assert len(states) == 9 and set(states.values()) == {"Cached"}, states
 
 
+CLIP = {"cam": {"source": "clip", "clip": {"weights": "random"}}}
+CLIP_STAGES = ("clip_cam", "crf_labels", "affinity_train", "random_walk")
+
+
+def test_clip_source_on_two_nodes_beside_the_rca_run(cluster, tmp_path_factory):
+    """cam.source=clip (a random-init CLIP) on the same S3 store as the rca run, to the pseudo-masks: clip_cam's
+    shards run on both nodes, a re-run comes back Cached, and the rca run's stages are untouched (their keys
+    and outputs stay; no stage of one source is reused for the other)."""
+    from rca_core.config import load_config
+    from rca_core.stages.planning import plan
+
+    c = cluster
+    assert "e2e_cfg" in _state(c), "needs the end-to-end run"
+    cfg_path = c.state["e2e_cfg"]
+    rca_cfg, clip_cfg = load(cfg_path), load_config(cfg_path, CLIP)
+    rca_keys, clip_keys = {n: p.key for n, p in plan(rca_cfg).items()}, {n: p.key for n, p in plan(clip_cfg).items()}
+    rca_done = {n: stage_out(rca_cfg, n).summary() for n in rca_keys}
+    assert not set(rca_keys.values()) & set(clip_keys.values())
+    where = tmp_path_factory.mktemp("clip_source")
+    args = ["run", "-c", str(cfg_path), "--stage", "random_walk", "--set", "cam.source=clip",
+            "--set", "cam.clip.weights=random"]
+    res = rca(c, args, cwd=where / "cwd")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "stages: clip_cam, crf_labels, affinity_train, random_walk" in res.stdout, res.stdout[-3000:]
+    nodes = {c.ray.head_id, c.ray.node2_id}
+    for name in CLIP_STAGES:
+        assert stage_out(clip_cfg, name).is_complete(), name
+    assert set(stage_out(clip_cfg, "clip_cam").manifest().column("node_id").to_pylist()) == nodes
+    assert len(stage_out(clip_cfg, "random_walk").listed_ids()) == clip_cfg.data.demo.n_train
+    assert {n: stage_out(rca_cfg, n).summary() for n in rca_keys} == rca_done  # the rca run's stages untouched
+    t0 = time.time()
+    res = rca(c, args, cwd=where / "again")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    states = {t["name"]: t["state"]["name"] for t in prefect_api.task_runs_since(c.api, t0) if t["name"] in CLIP_STAGES}
+    assert states == {n: "Cached" for n in CLIP_STAGES}, states
+
+
 def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:

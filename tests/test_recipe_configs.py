@@ -47,3 +47,15 @@ def test_demo_keeps_trained_batchnorm():
     # from-scratch small backbone: frozen init statistics measured worse (docs/benchmarks.md)
     c = cfg("demo")
     assert c.cam.backbone.batchnorm == "train" and c.cam.backbone.frozen_stages == 0
+
+
+def test_clip_recipe_is_clip_es_with_voc12s_refinement_and_segmenter():
+    c, v = cfg("voc12_clip"), cfg("voc12")
+    k = c.cam.clip
+    assert c.cam.source == "clip" and k.weights == "weights/clip-vit-b-16.pt" and k.model == "ViT-B-16"
+    assert k.templates == ["a clean origami {}."] and len(k.background) == 25 and "sky" in k.background
+    assert (k.scales, k.flip, k.caa, k.caa_layers, k.caa_box_threshold) == ([1.0], False, True, 8, 0.4)
+    assert k.prompt_names["person"] == "person with clothes,people,human"
+    assert set(k.prompt_names) <= set(c.data.class_names)
+    # the same data, refinement and segmenter as voc12: only the CAM source differs
+    assert c.data == v.data and c.refine == v.refine and c.segmenter == v.segmenter

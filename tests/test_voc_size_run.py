@@ -155,9 +155,7 @@ def test_every_stage_of_voc12_completes_at_voc_size(voc_run):
     import yaml
 
     from rca_core.config import config_from_dict
-    from rca_core.stages.registry import STAGE_NAMES as STAGES
     from rca_core.store import ArtifactStore
-
     store_dir = voc_run["cwd"] / "runs" / "voc12" / "store"  # the config's relative store, under the user's cwd
     (record,) = list((store_dir / "_runs").glob("*/run.json"))  # the run's stage keys, as `rca run` recorded them
     keys = json.loads(record.read_text())["stages"]
@@ -166,7 +164,9 @@ def test_every_stage_of_voc12_completes_at_voc_size(voc_run):
     assert cfg.cam.backbone.pretrained == str(voc_run["cwd"] / "weights" / "resnet50-imagenet.pth")
     store = ArtifactStore(str(store_dir), create=False)
     summaries = {}
-    for name in STAGES:
+    assert list(keys) == ["cam_train", "memory_build", "cam_infer", "cam_eval", "crf_labels", "affinity_train",
+                          "random_walk", "seg_train", "seg_eval"]
+    for name in keys:
         out = store.stage(*keys[name].split("/"))
         assert out.is_complete(), (name, voc_run["out"][-3000:])
         summaries[name] = out.summary()
@@ -196,6 +196,51 @@ def test_every_stage_of_voc12_completes_at_voc_size(voc_run):
     assert ev["eval_scales"] == [0.5, 0.75] and ev["eval_flip"] is True and ev["eval_crf"] is True
     assert ev["scored_images"] == 2
     assert 0.0 <= ev["miou"] <= 1.0 and 0.0 <= summaries["cam_eval"]["miou"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def voc_clip_run(voc_run, prefect_server):
+    """configs/voc12_clip.yaml on the same tree, random CLIP weights, to the pseudo-masks (and the CAM score):
+    `rca run --stage cam_eval --stage random_walk` (the segmenter after them is voc12's, run above)."""
+    cwd = voc_run["cwd"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "RCA_NO_PROGRESS": "1"}
+    cmd = [str(Path(sys.executable).with_name("rca")), "run", "-c", str(ROOT / "configs" / "voc12_clip.yaml"),
+           "--stage", "cam_eval", "--stage", "random_walk", "--set", "cam.clip.weights=random"]
+    for s in REDUCED:
+        if s.startswith(("data.", "refine.", "ray.")):
+            cmd += ["--set", s]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    print(f"rca run of configs/voc12_clip.yaml to the pseudo-masks at VOC size: {time.time() - t0:.0f} s")
+    return {"cwd": cwd, "rc": r.returncode, "out": r.stdout + r.stderr}
+
+
+def test_clip_source_at_voc_size(voc_clip_run):
+    assert voc_clip_run["rc"] == 0, voc_clip_run["out"][-6000:]
+    import yaml
+
+    from rca_core.config import config_from_dict
+    from rca_core.data.voc import VOCDataset
+    from rca_core.store import ArtifactStore
+
+    out = voc_clip_run["out"]
+    assert "note: cam.clip.weights is 'random'" in out and "mean nothing" in out
+    store_dir = voc_clip_run["cwd"] / "runs" / "voc12_clip" / "store"
+    (record,) = list((store_dir / "_runs").glob("*/run.json"))
+    keys = json.loads(record.read_text())["stages"]
+    cfg = config_from_dict(yaml.safe_load((record.parent / "config.yaml").read_text()))
+    assert cfg.cam.source == "clip" and list(keys)[0] == "clip_cam" and "cam_train" not in keys
+    store = ArtifactStore(str(store_dir), create=False)
+    for name in ("clip_cam", "cam_eval", "crf_labels", "affinity_train", "random_walk"):
+        assert store.stage(*keys[name].split("/")).is_complete(), (name, out[-3000:])
+    cams, walk = store.stage(*keys["clip_cam"].split("/")), store.stage(*keys["random_walk"].split("/"))
+    assert cams.summary()["weights"] == "random"
+    ds = VOCDataset(cfg.data.root, split=cfg.data.train_split, num_classes=N_CLASSES)
+    for i in ds.ids[:2]:
+        cam, attrs = cams.read(i, "cam")
+        assert cam.shape == (len(set(ds.tags(i))), *ds.size(i)) and attrs["classes"] == sorted(set(ds.tags(i)))
+        mask, _ = walk.read(i, "pseudo_mask")
+        assert mask.shape == tuple(ds.size(i)) and set(np.unique(mask)) <= {0, 255, *attrs["classes"]}
 
 
 def test_voc_tree_has_both_mask_flavours_and_voc_sizes(voc_run):

@@ -127,6 +127,9 @@ class CamConfig(StrictModel):
         "no CAM training) or external (cam_import: .npy CAMs made elsewhere); every later stage is the same"))
     clip: ClipConfig = ClipConfig()
     external: ExternalCamConfig = ExternalCamConfig()
+    checkpoint: str | None = Field(None, description=(
+        "cam.source rca: a CAM network trained before (a cam_train files/model.pt of this cam section): "
+        "cam_train trains nothing and passes it on, memory_build and cam_infer start from it"))
     backbone: BackboneConfig = BackboneConfig()
     memory: MemoryBankConfig = MemoryBankConfig()
     contrast: ContrastConfig = ContrastConfig()

@@ -74,7 +74,7 @@ class LeaseConfig(StrictModel):
         "on_busy wait: give up after this long (None: wait as long as the holder keeps renewing its lease)"))
 
 
-WEIGHT_KEYS = ("cam.backbone.pretrained", "cam.clip.weights", "refine.affinity.backbone.pretrained",
+WEIGHT_KEYS = ("cam.backbone.pretrained", "cam.checkpoint", "cam.clip.weights", "refine.affinity.backbone.pretrained",
                "segmenter.pretrained")
 NO_FILE = ("random",)  # weight-key values that name no file (cam.clip.weights: random)
 DATA_KEYS = ("cam.external.dir",)  # folders of inputs made elsewhere (read where the stage runs)

@@ -113,18 +113,20 @@ class CamNet(nn.Module):
         return head, [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
 
 
-def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.device | str = "cpu") -> CamNet:
-    """A trained CamNet from a state-dict file written by the cam_train stage (weights_only load)."""
+def load_cam_net(cfg: CamConfig, num_classes: int, path: str, device: torch.device | str = "cpu",
+                 what: str = "trained CAM model", stage: str = "cam_train") -> CamNet:
+    """A trained CamNet from a state-dict file written by the cam_train stage (weights_only load); errors name
+    the file as `what` and the `stage` that makes it."""
     import copy
 
     bb = cfg.backbone.model_copy(update={"pretrained": None})  # weights come from the file
     cfg = copy.deepcopy(cfg)
     cfg.backbone = bb
     net = CamNet(cfg, num_classes)
-    sd = load_trained_weights(path, "trained CAM model", "cam_train")
+    sd = load_trained_weights(path, what, stage)
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
-        raise ValueError(f"trained CAM model {path} does not fit the configured network (cam section changed?): "
+        raise ValueError(f"{what} {path} does not fit the configured network (cam section changed?): "
                          f"{str(e).splitlines()[0]}") from e
     return net.to(device).eval()

@@ -73,7 +73,7 @@ class Worker:
                 obj = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == () else obj
             except Exception as e:  # noqa: BLE001 - any unreadable file: say so
                 raise ValueError(f"not a readable .npy file ({type(e).__name__}: {e})") from None
-            cam = check(obj, image_id, tags, ds.image(image_id).shape[:2], self.ext.field, self.ext.keys_base)
+            cam = check(obj, image_id, tags, tuple(ds.size(image_id)), self.ext.field, self.ext.keys_base)
         except ValueError as e:
             self.problems.append(f"{path}: {e}")
             return {"bad": 1}

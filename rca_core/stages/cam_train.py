@@ -191,4 +191,19 @@ def train(cfg, ctx, stop_after_epochs: int | None = None) -> dict:
     a later call resumes) - used by tests and to split work; the final model is written only when
     training is finished.
     """
+    if cfg.cam.checkpoint:
+        return from_checkpoint(cfg, ctx)
     return fit(CamTraining(cfg, ctx), ctx, cfg.seed, stop_after_epochs=stop_after_epochs)
+
+
+def from_checkpoint(cfg, ctx) -> dict:
+    """cam.checkpoint: a CAM network trained before (another run's cam_train files/model.pt, or a checkpoint.pt):
+    loaded into the configured network (an error names cam.checkpoint when it does not fit) and written as this
+    stage's model.pt; nothing is trained, and memory_build and cam_infer start from it."""
+    from rca_core.models.cam_net import load_cam_net
+
+    net = load_cam_net(cfg.cam, cfg.data.num_classes, cfg.cam.checkpoint, what="cam.checkpoint",
+                       stage="cam_train (of the run that trained it)")
+    if tu.is_main():
+        tu.save_torch(ctx.out.file("model.pt"), net.state_dict())
+    return {"from_checkpoint": str(cfg.cam.checkpoint), "trained": False, "steps": 0}

@@ -119,7 +119,7 @@ def data_identity(cfg: RunConfig) -> dict:
 
 
 _WEIGHT_HASHES: dict[tuple, str] = {}
-WEIGHT_FILE_KEYS = ("pretrained", "weights")  # config keys that name a weights file ("random": none)
+WEIGHT_FILE_KEYS = ("pretrained", "weights", "checkpoint")  # config keys that name a weights file ("random": none)
 
 
 def weights_identity(section: Any) -> Any:

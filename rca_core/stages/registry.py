@@ -153,8 +153,10 @@ _CAM_SOURCE_KEYS = {"source", "clip", "external"}  # the CAM source switch and t
 
 def _cam(c):
     # the RCA network's section: the source switch and the other sources' settings are not part of it, so a
-    # clip or external run leaves cam_train's key (and every key of an rca run) as it was
-    return {"cam": c.cam.model_dump(mode="json", exclude=_CAM_SOURCE_KEYS)}
+    # clip or external run leaves cam_train's key (and every key of an rca run) as it was; a given checkpoint
+    # (cam.checkpoint, hashed by content) is, only when set
+    unset = {"checkpoint"} if c.cam.checkpoint is None else set()
+    return {"cam": c.cam.model_dump(mode="json", exclude=_CAM_SOURCE_KEYS | unset)}
 
 
 def _seg_train_section(c):
@@ -189,8 +191,7 @@ STAGES: list[Stage] = [
           lambda c: {"clip": c.cam.clip, "dtype": c.cam_infer.dtype}, fields=("cam",), prefetch=("image",),
           gpu=True, when=_CLIP, doc="CLIP-ES CAMs from a frozen CLIP (no CAM training): GradCAM + CAA"),
     Stage("cam_import", "per_image", "rca_core.stages.cam_import", "1",
-          lambda c: {"external": c.cam.external, "dtype": c.cam_infer.dtype}, fields=("cam",), prefetch=("image",),
-          when=_EXTERNAL,
+          lambda c: {"external": c.cam.external, "dtype": c.cam_infer.dtype}, fields=("cam",), when=_EXTERNAL,
           doc="CAMs made elsewhere (a folder of IRN-layout .npy files), checked and imported"),
     Stage("cam_eval", "per_image", "rca_core.stages.cam_eval", "1", lambda c: {"eval": c.cam_eval},
           split="eval_split", inputs={"cams": _CAMS}, prefetch=("mask", "cams/cam"),
