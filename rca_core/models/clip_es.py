@@ -61,10 +61,7 @@ def build_clip(clip_cfg, storage=None) -> nn.Module:
     if clip_cfg.weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(clip_cfg.seed)  # every worker, on every node, builds the same random CLIP
-            if clip_cfg.random_arch == "small":
-                model = open_clip.model.CLIP(**SMALL)
-            else:
-                model = open_clip.create_model(clip_cfg.model, pretrained=None)
+            model = open_clip.model.CLIP(**(SMALL if clip_cfg.random_arch == "small" else _arch(clip_cfg.model)))
     else:
         model = _load_file(clip_cfg.weights, clip_cfg.model, storage)
     model.eval()
@@ -95,12 +92,21 @@ def _load_file(location: str, arch: str, storage=None) -> nn.Module:
             model = open_clip.model.build_model_from_openai_state_dict(dict(sd)).float()
             model.load_state_dict(sd, strict=True)
             return model
-        model = open_clip.create_model(arch, pretrained=None)
+        model = open_clip.model.CLIP(**_arch(arch))
         model.load_state_dict(sd, strict=True)
         return model
     except Exception as e:  # noqa: BLE001 - a mismatch: name the file and the architecture
         raise ClipWeightsError(f"cam.clip.weights: {location} does not fit CLIP {arch!r} (cam.clip.model): "
                                f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _arch(name: str) -> dict:
+    """open_clip's architecture settings of `name` (cam.clip.model), or an error naming the key."""
+    cfg = _open_clip().get_model_config(name)
+    if cfg is None:
+        raise ClipWeightsError(f"cam.clip.model: {name!r} is not an open_clip architecture (e.g. ViT-B-16, "
+                               f"ViT-B-16-quickgelu, ViT-L-14)")
+    return cfg
 
 
 def _state_dict(data: bytes) -> dict:
@@ -155,9 +161,10 @@ def softmax_gradcams(y: torch.Tensor, embed, fg: torch.Tensor, bg: torch.Tensor,
         probs = (logit_scale * feat @ text.T).softmax(dim=-1)[0]
         acts = y[0, 1:].T.reshape(-1, gh, gw).detach()
         cams = []
-        for k in range(len(fg)):
-            (g,) = torch.autograd.grad(probs[k], y, retain_graph=k < len(fg) - 1)
-            cams.append(gradcam(acts, g[0, 1:].T.reshape(-1, gh, gw)))
+        for k in range(len(fg)):  # backward() into the leaf's .grad (the model's parameters take none)
+            y.grad = None
+            probs[k].backward(retain_graph=k < len(fg) - 1)
+            cams.append(gradcam(acts, y.grad[0, 1:].T.reshape(-1, gh, gw)))
     return torch.stack(cams) if cams else torch.zeros((0, gh, gw), device=y.device)
 
 
