@@ -93,6 +93,11 @@ def _locked(path: Path):
 
 
 def _alive(pid: int) -> bool:
+    try:  # a server this command started is its child: once it exits it is a zombie until reaped here
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # another command's server (or already reaped)
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

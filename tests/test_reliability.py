@@ -414,3 +414,22 @@ def test_prefect_server_listens_on_loopback_only(prefect_server):
     pids = {c.pid for c in api}
     addresses = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids}
     assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
+
+
+def test_a_stopped_local_prefect_server_is_seen_gone_once_it_exits():
+    """The command that started the local Prefect server is its parent: after SIGTERM the server is a zombie
+    until reaped, and `kill -0` still finds it. The stop must reap it (it used to wait out its 20 s deadline
+    and then SIGKILL a process that had long exited, at the end of every `rca run` that started a server)."""
+    import time
+
+    from flows.prefect_server import _alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.time() + 30
+    while stat.read_text().split(") ", 1)[1][0] != "Z":  # exited, not reaped: a zombie
+        assert time.time() < deadline, "the child did not exit"
+        time.sleep(0.05)
+    os.kill(proc.pid, 0)  # kill -0 still finds a zombie ...
+    assert not _alive(proc.pid)  # ... _alive does not
+    assert not stat.exists()  # and it was reaped
