@@ -72,7 +72,8 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
         for name in order:
             t = time.time()
             progress.forget(name)
-            res = STAGE_FLOWS[name](config=cfg)
+            with _no_heartbeat():
+                res = STAGE_FLOWS[name](config=cfg)
             results[name] = res
             rows.append(stage_row(name, res, time.time() - t))
             _tell(progress.summary_line(name, rows[-1]["status"], rows[-1]["seconds"], rows[-1],
@@ -87,6 +88,15 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
     create_markdown_artifact(key="rca-outputs", markdown=_outputs_md(cfg, keys, total, report),
                              description="Where this run's outputs are")
     return {"stages": results, "table": rows, "seconds": total, "store": cfg.store, "keys": keys, "report": report}
+
+
+def _no_heartbeat():
+    """A stage's subflow run sends no heartbeats of its own: the pipeline's flow run, in the same process, keeps
+    sending them (Prefect's crashed-run detection), and every flow run's heartbeat thread is joined at its end,
+    which cost up to a second per stage (the thread sleeps in 1 s steps)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _tell(msg: str) -> None:

@@ -266,7 +266,7 @@ def test_clip_source_on_two_nodes_beside_the_rca_run(cluster, tmp_path_factory):
     assert not set(rca_keys.values()) & set(clip_keys.values())
     where = tmp_path_factory.mktemp("clip_source")
     args = ["run", "-c", str(cfg_path), "--stage", "random_walk", "--set", "cam.source=clip",
-            "--set", "cam.clip.weights=random"]
+            "--set", "cam.clip.weights=random", "--set", "ray.num_workers=1"]  # DDP over the nodes: the e2e run's
     res = rca(c, args, cwd=where / "cwd")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "stages: clip_cam, crf_labels, affinity_train, random_walk" in res.stdout, res.stdout[-3000:]
