@@ -114,7 +114,11 @@ def _state_dict(data: bytes) -> dict:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - OpenAI's files are TorchScript archives
-        obj = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
+        import warnings
+
+        with warnings.catch_warnings():  # torch calls jit.load deprecated; OpenAI's files need it
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
+            obj = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
