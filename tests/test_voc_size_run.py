@@ -147,6 +147,7 @@ def voc_run(prefect_server, tmp_path_factory):
     t0 = time.time()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     print(f"rca run of configs/voc12.yaml at VOC size: {time.time() - t0:.0f} s")
+    print("\n".join(ln for ln in r.stdout.splitlines() if " ran " in ln or "Ray" in ln or "Prefect" in ln))
     return {"cwd": cwd, "lists": lists, "rc": r.returncode, "out": r.stdout + r.stderr}
 
 
