@@ -238,7 +238,7 @@ def node_check(marker_uri: str, token: str, cfg_json: dict, split: str) -> dict:
     """Runs on one node: what it cannot see of the store and the data (an empty list when all is well)."""
     import ray
 
-    from rca_core.config.run import NO_FILE, WEIGHT_KEYS, get_key
+    from rca_core.config.run import DATA_KEYS, WEIGHT_KEYS, get_key, input_keys
 
     cfg = RunConfig.model_validate(cfg_json)
     problems = []
@@ -267,12 +267,10 @@ def node_check(marker_uri: str, token: str, cfg_json: dict, split: str) -> dict:
             problems.append(f"data.root {root}: {want} not found")
     except Exception as e:  # noqa: BLE001
         problems.append(f"data.root {root}: cannot list it ({type(e).__name__}: {e})")
-    keys = ["data.labels_file", "data.saliency_dir", *WEIGHT_KEYS]
-    if cfg.cam.source == "external":
-        keys.append("cam.external.dir")  # the imported CAMs are read where the workers run
-    for key in keys:
+    # the weights this config's stages load, and the imported CAMs' folder: read where the workers run
+    for key in ["data.labels_file", "data.saliency_dir", *input_keys(cfg, WEIGHT_KEYS), *input_keys(cfg, DATA_KEYS)]:
         v = get_key(cfg, key)
-        if v and v not in NO_FILE:
+        if v:
             try:
                 ok = storage.exists(v, cfg.storage)
             except Exception:  # noqa: BLE001

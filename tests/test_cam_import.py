@@ -79,3 +79,21 @@ def test_external_cams_are_checked_imported_refined_and_scored(tmp_path):
     print("cam_import -> cam_eval mIoU", cam_eval["miou"], "random_walk", walk["metrics"]["miou_all"])
     assert cam_eval["miou"] > 0.6, cam_eval  # CAMs made from the masks score high
     assert walk["metrics"]["miou_all"] > 0.5, walk["metrics"]
+
+
+def test_a_file_is_read_in_its_own_key_order_and_checked_value_by_value():
+    """CLIP-ES writes keys in annotation order: each CAM goes to its class, whatever the order; keys_base 1
+    (class ids); values outside [0, 1] are refused."""
+    from rca_core.stages.cam_import import check
+
+    size = (4, 5)
+    cams = np.stack([np.full(size, 0.25, np.float32), np.full(size, 0.75, np.float32)])
+    out = check({"keys": np.array([2, 0]), "high_res": cams}, "x", [1, 3], size, "high_res", 0)
+    assert np.allclose(out[0], 0.75) and np.allclose(out[1], 0.25)  # class 1 (key 0), then class 3 (key 2)
+    out = check({"keys": np.array([3, 1]), "attn_highres": cams.astype(np.float16)}, "x", [1, 3], size,
+                "attn_highres", 1)
+    assert np.allclose(out[0], 0.75) and np.allclose(out[1], 0.25)
+    with pytest.raises(ValueError, match=r"values run from 1 to 3; expected CAMs in \[0, 1\]"):
+        check({"keys": np.array([0, 2]), "high_res": cams * 4}, "x", [1, 3], size, "high_res", 0)
+    with pytest.raises(ValueError, match=r"no 'high_res' entry \(entries: \['cam', 'keys'\]"):
+        check({"keys": np.array([0, 2]), "cam": cams}, "x", [1, 3], size, "high_res", 0)

@@ -358,3 +358,21 @@ def test_a_new_stage_is_its_file_its_config_section_and_one_record(reference_run
     s = got["summary"]
     assert s["images"] == n and s["recomputed_images"] == n and s["regions"] >= n and 0 < s["mean_area"] < 1, s
     assert s["actors"] >= 1, s  # on the Ray actor pool
+
+
+def test_the_paths_checked_are_those_the_configs_stages_read():
+    """check_paths (and the node preflight and weight staging, through input_keys) look only at the files the
+    config's CAM source reads; 'random' names no file only for cam.clip.weights."""
+    from rca_core.config import ConfigError, load_config
+    from rca_core.config.run import WEIGHT_KEYS, input_keys
+
+    tiny = ROOT / "configs/tiny.yaml"
+    stale = {"cam": {"backbone": {"pretrained": "/nowhere/resnet.pth"}}}
+    with pytest.raises(ConfigError, match=r"cam.backbone.pretrained: path not found: /nowhere/resnet.pth"):
+        load_config(tiny, stale)
+    clip = load_config(tiny, {**stale, "cam": {**stale["cam"], "source": "clip", "clip": {"weights": "random"}}})
+    assert input_keys(clip, WEIGHT_KEYS) == []  # the RCA network's weights are not read by a clip run
+    with pytest.raises(ConfigError, match=r"segmenter.pretrained: path not found: random"):
+        load_config(tiny, {"segmenter": {"pretrained": "random"}})
+    with pytest.raises(ConfigError, match=r"cam.checkpoint is a trained RCA network: it is read with cam.source rca"):
+        load_config(tiny, {"cam": {"source": "clip", "clip": {"weights": "random"}, "checkpoint": str(tiny)}})

@@ -81,6 +81,9 @@ CLIP_BACKGROUND = ["ground", "land", "grass", "tree", "building", "wall", "sky",
                    "street", "valley", "bridge", "sign"]
 
 
+RANDOM_WEIGHTS = "random"  # cam.clip.weights: a random-init CLIP (no file)
+
+
 class ClipConfig(StrictModel):
     """The frozen-CLIP CAM source (cam.source: clip; CLIP-ES, docs/method.md "CLIP CAM source")."""
 
@@ -143,6 +146,9 @@ class CamConfig(StrictModel):
                              "ViT-B-16.pt) or 'random' (tests and demos)")
         if self.source == "external" and not self.external.dir:
             raise ValueError("cam.source external needs cam.external.dir: the folder of .npy CAMs")
+        if self.checkpoint and self.source != "rca":
+            raise ValueError(f"cam.checkpoint is a trained RCA network: it is read with cam.source rca only (this "
+                             f"config's cam.source is {self.source!r})")
         if self.contrast.enabled and not self.memory.enabled:
             raise ValueError("cam.contrast.enabled needs cam.memory.enabled (the contrast is against the memory)")
         if self.aggregation.enabled and not self.memory.enabled:

@@ -8,7 +8,7 @@ from pydantic import Field, ValidationError
 
 from .base import (ConfigError, StrictModel, canonical_json, deep_update, fingerprint,
                    format_validation_error, read_yaml)
-from .cam import CamConfig, CamEvalConfig, CamInferConfig
+from .cam import RANDOM_WEIGHTS, CamConfig, CamEvalConfig, CamInferConfig
 from .data import DataConfig
 from .refine import RefineConfig
 from .segmenter import SegmenterConfig
@@ -74,14 +74,22 @@ class LeaseConfig(StrictModel):
         "on_busy wait: give up after this long (None: wait as long as the holder keeps renewing its lease)"))
 
 
-WEIGHT_KEYS = ("cam.backbone.pretrained", "cam.checkpoint", "cam.clip.weights", "refine.affinity.backbone.pretrained",
-               "segmenter.pretrained")
-NO_FILE = ("random",)  # weight-key values that name no file (cam.clip.weights: random)
-DATA_KEYS = ("cam.external.dir",)  # folders of inputs made elsewhere (read where the stage runs)
+# Config keys that name a weights file, each with the CAM sources whose stages read it (None: every source).
+WEIGHT_KEYS = {"cam.backbone.pretrained": ("rca",), "cam.checkpoint": ("rca",), "cam.clip.weights": ("clip",),
+               "refine.affinity.backbone.pretrained": None, "segmenter.pretrained": None}
+# Folders of inputs made elsewhere, read where the stage runs, with the source that reads them.
+DATA_KEYS = {"cam.external.dir": ("external",)}
 
 
-def _file_value(v) -> bool:
-    return bool(v) and v not in NO_FILE
+def input_keys(cfg: RunConfig, keys: dict[str, tuple | None]) -> list[str]:
+    """The keys of `keys` (WEIGHT_KEYS, DATA_KEYS) that this config's stages read and that name a file or folder
+    (not empty; cam.clip.weights 'random' names none): what is checked, staged and looked for on each node."""
+    return [k for k, sources in keys.items() if (sources is None or cfg.cam.source in sources)
+            and names_file(k, get_key(cfg, k))]
+
+
+def names_file(key: str, value) -> bool:
+    return bool(value) and not (key == "cam.clip.weights" and value == RANDOM_WEIGHTS)
 
 
 class RunConfig(StrictModel):
@@ -110,7 +118,7 @@ class RunConfig(StrictModel):
 def config_notes(cfg: RunConfig) -> list[str]:
     """What a person should know about this config before its numbers are read (one console line each)."""
     notes = []
-    if cfg.cam.source == "clip" and cfg.cam.clip.weights == "random":
+    if cfg.cam.source == "clip" and cfg.cam.clip.weights == RANDOM_WEIGHTS:
         notes.append("cam.clip.weights is 'random': a random-init CLIP makes the CAMs (for tests and demos); "
                      "its CAMs, and every figure after them, mean nothing")
     return notes
@@ -161,7 +169,7 @@ def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
     out = cfg.model_copy(deep=True)
     for key in path_keys(out):
         v = get_key(out, key)
-        if _file_value(v):
+        if names_file(key, v):
             set_key(out, key, storage.absolute(v, base))
     return out
 
@@ -184,12 +192,13 @@ def check_paths(cfg: RunConfig, source: str = "<config>") -> None:
 
     if cfg.data.kind != "demo" and not there(cfg.data.root, want_dir=True):
         problems.append(f"  data.root: directory not found: {cfg.data.root}")
-    for key in ("data.labels_file", "data.saliency_dir", *WEIGHT_KEYS):
+    for key in ("data.labels_file", "data.saliency_dir", *input_keys(cfg, WEIGHT_KEYS)):
         value = get_key(cfg, key)
-        if _file_value(value) and not there(value):
+        if value and not there(value):
             problems.append(f"  {key}: path not found: {value}")
-    if cfg.cam.source == "external" and not there(cfg.cam.external.dir, want_dir=True):
-        problems.append(f"  cam.external.dir: directory not found: {cfg.cam.external.dir}")
+    for key in input_keys(cfg, DATA_KEYS):
+        if not there(get_key(cfg, key), want_dir=True):
+            problems.append(f"  {key}: directory not found: {get_key(cfg, key)}")
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
 
@@ -205,9 +214,9 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     if not storage.is_url(store_url):
         return cfg
     out = cfg.model_copy(deep=True)
-    for key in WEIGHT_KEYS:
+    for key in input_keys(out, WEIGHT_KEYS):
         v = get_key(out, key)
-        if not _file_value(v) or storage.is_url(v):
+        if storage.is_url(v):
             continue
         digest = storage.content_hash(v)
         target = storage.join(store_url, "_inputs", "weights", digest, Path(v).name)
@@ -217,4 +226,5 @@ def stage_weights(cfg: RunConfig, store_url: str | None = None) -> RunConfig:
     return out
 
 
-__all__ = ["RunConfig", "config_notes", "ComputeConfig", "RayConfig", "LeaseConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]
+__all__ = ["RunConfig", "config_notes", "ComputeConfig", "RayConfig", "LeaseConfig", "StorageConfig", "stage_weights", "path_keys", "WEIGHT_KEYS", "DATA_KEYS", "input_keys",
+           "names_file", "load_config", "config_from_dict", "check_paths", "resolve_paths", "canonical_json"]

@@ -6,7 +6,7 @@ is ours, so that the attention maps and the last block's input are at hand):
 
 1. Text: each class name (or its `prompt_names` words) in every prompt template, CLIP's text embedding,
    L2-normalised and averaged over the templates; the same for the background words.
-2. Image: resized to multiples of the patch size (positional embeddings interpolated bicubically, as
+2. Image: resized (bicubic) to multiples of the patch size, positional embeddings interpolated bilinearly (as
    CLIP-ES does), run through all blocks but the last without gradients; the last block runs with its
    input's LayerNorm output A (CLIP-ES's GradCAM target layer, `resblocks[-1].ln_1`) as the leaf.
    The image embedding is the mean of the patch tokens after ln_post (not the class token), projected.
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rca_core.config.cam import RANDOM_WEIGHTS
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,7 +60,7 @@ def build_clip(clip_cfg, storage=None) -> nn.Module:
     """The frozen CLIP of `cam.clip` (eval mode, no gradients on its parameters)."""
     open_clip = _open_clip()
 
-    if clip_cfg.weights == "random":
+    if clip_cfg.weights == RANDOM_WEIGHTS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(clip_cfg.seed)  # every worker, on every node, builds the same random CLIP
             model = open_clip.model.CLIP(**(SMALL if clip_cfg.random_arch == "small" else _arch(clip_cfg.model)))
@@ -126,7 +128,7 @@ def _state_dict(data: bytes) -> dict:
     out = {k.removeprefix("module."): v for k, v in obj.items()}
     for k in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         out.pop(k, None)
-    return out
+    return {k: v for k, v in out.items() if not k.endswith("attn_mask")}  # the causal mask: rebuilt, not loaded
 
 
 @torch.no_grad()
@@ -233,7 +235,7 @@ class ClipCam:
         if (gh, gw) == (g, g):
             return pe
         grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)  # as CLIP-ES
         return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
     @staticmethod
@@ -246,9 +248,10 @@ class ClipCam:
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         return x, attn, y
 
-    def scale_cams(self, img: torch.Tensor, fg_idx: list[int]) -> torch.Tensor:
-        """(K, gh, gw) refined CAMs on the patch grid of one normalised (1, 3, H, W) image (H, W multiples of
-        the patch size)."""
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A normalised (1, 3, H, W) image (H, W multiples of the patch size) through every block but the last,
+        without gradients: (the last block's input (1, 1 + n, width), the attention maps (n, n), class token
+        dropped, of the blocks among the last `caa_layers` before the last one)."""
         v = self.model.visual
         gh, gw = img.shape[-2] // self.patch, img.shape[-1] // self.patch
         blocks = v.transformer.resblocks
@@ -263,6 +266,15 @@ class ClipCam:
                 x, a, _ = self._attend(blk, x)
                 if i >= keep_from:
                     attns.append(a[0, 1:, 1:])
+        return x, attns
+
+    def scale_cams(self, img: torch.Tensor, fg_idx: list[int]) -> torch.Tensor:
+        """(K, gh, gw) refined CAMs on the patch grid of one normalised (1, 3, H, W) image (H, W multiples of
+        the patch size)."""
+        v = self.model.visual
+        gh, gw = img.shape[-2] // self.patch, img.shape[-1] // self.patch
+        x, attns = self.encode(img)
+        blocks = v.transformer.resblocks
         last = blocks[-1]
         y = last.ln_1(x).detach()  # GradCAM's target: the last block's ln_1 output
         holder = {}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rca_core.cam_ops import encode_cam
+from rca_core.cam_ops import encode_cam, tags_to_indices
+from rca_core.config.cam import RANDOM_WEIGHTS
 from rca_core.models.clip_es import ClipCam, build_clip, text_embeddings
 
 
@@ -37,7 +38,7 @@ class Worker:
     def cams(self, image_id: str) -> tuple[np.ndarray, list[int]]:
         ds = self.ctx.dataset
         classes = sorted(set(int(t) for t in ds.tags(image_id)))
-        return self.cam(ds.image(image_id), [c - 1 for c in classes]), classes
+        return self.cam(ds.image(image_id), tags_to_indices(classes, self.cfg.data.num_classes)), classes
 
     def process(self, image_id: str) -> dict:
         cam, classes = self.cams(image_id)
@@ -47,6 +48,7 @@ class Worker:
 
 def finalize(cfg, ctx, parts: list | None = None) -> dict:
     c = cfg.cam.clip
-    return {"weights": c.weights if c.weights == "random" else "file", "model": c.model if c.weights != "random"
-            or c.random_arch == "model" else "small", "scales": list(c.scales), "flip": c.flip, "caa": c.caa,
-            "dtype": cfg.cam_infer.dtype}
+    random = c.weights == RANDOM_WEIGHTS
+    return {"weights": RANDOM_WEIGHTS if random else "file",
+            "model": "small" if random and c.random_arch == "small" else c.model,
+            "scales": list(c.scales), "flip": c.flip, "caa": c.caa, "dtype": cfg.cam_infer.dtype}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rca_core.config import ConfigError, RunConfig, fingerprint
+from rca_core.config.cam import RANDOM_WEIGHTS
 
 from . import registry
 from .registry import STAGE_NAMES, Stage
@@ -130,7 +131,7 @@ def weights_identity(section: Any) -> Any:
 
     def walk(obj):
         if isinstance(obj, dict):
-            return {k: (_weights_hash(v) if k in WEIGHT_FILE_KEYS and isinstance(v, str) and v and v != "random"
+            return {k: (_weights_hash(v) if k in WEIGHT_FILE_KEYS and isinstance(v, str) and v and v != RANDOM_WEIGHTS
                         else walk(v)) for k, v in obj.items()}
         if isinstance(obj, list):
             return [walk(v) for v in obj]

@@ -14,8 +14,8 @@ A record says everything the orchestration needs to know about a stage without i
 - `gpu`: whether its workers ask for a GPU where the cluster has one; `ray.stage_gpus` in the run config
   overrides it per stage (e.g. `{crf_labels: false, cam_infer: true}`);
 - `when`: the config values under which the stage is part of the pipeline at all (`When("cam.source", "rca")`;
-  None = always). An input may name alternatives, `OneOf(Use(...), Use(...))`: the first one whose `when`
-  holds is read, so the CAM consumers read `cams` from whichever CAM source the config picks
+  None = always). An input may name alternatives, `OneOf("cam_infer", "clip_cam", ...)`: the first of them that
+  the config runs is read, so the CAM consumers read `cams` from whichever CAM source the config picks
   (cam_infer, clip_cam or cam_import) and never name one.
 
 Adding a stage = its own module under rca_core/stages/, its config section, and one record here; the
@@ -80,21 +80,17 @@ class When:
 
 @dataclass(frozen=True)
 class OneOf:
-    """An input with alternatives: the first `Use` whose condition holds for the config is read."""
+    """An input with alternatives: the first of these stages that the config runs (its record's `when` holds)."""
 
-    options: tuple[Use, ...]
+    stages: tuple[str, ...]
 
-    def __init__(self, *options: Use):
-        object.__setattr__(self, "options", tuple(options))
+    def __init__(self, *stages: str):
+        object.__setattr__(self, "stages", tuple(stages))
 
-    def pick(self, cfg: "RunConfig | None") -> Use | None:
+    def pick(self, cfg: "RunConfig | None") -> str | None:
         if cfg is None:
-            return self.options[0]
-        return next((u for u in self.options if u.active(cfg)), None)
-
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return tuple(u.stage for u in self.options)
+            return self.stages[0]
+        return next((n for n in self.stages if _BY_NAME[n].active(cfg)), None)
 
 
 def _options(src: "str | Use | OneOf") -> tuple[str, ...]:
@@ -128,10 +124,11 @@ class Stage:
         out = {}
         for role, src in self.inputs.items():
             if isinstance(src, OneOf):
-                use = src.pick(cfg)
-                if use is None:
+                picked = src.pick(cfg)
+                if picked is None:
                     raise RegistryError(f"stage registry, stage {self.name!r}: input {role!r}: none of "
                                         f"{', '.join(src.stages)} is on for this config")
+                use = Use(picked)
             else:
                 use = src if isinstance(src, Use) else Use(src)
             if use.active(cfg):
@@ -172,8 +169,8 @@ def _pseudo_labels(c) -> bool:
 
 
 _RCA, _CLIP, _EXTERNAL = When("cam.source", "rca"), When("cam.source", "clip"), When("cam.source", "external")
-# the CAMs every consumer reads: from the stage of the configured source (cam.source)
-_CAMS = OneOf(Use("cam_infer", when=_RCA), Use("clip_cam", when=_CLIP), Use("cam_import", when=_EXTERNAL))
+# the CAMs every consumer reads: from the CAM stage the config runs (each one's `when` is its cam.source)
+_CAMS = OneOf("cam_infer", "clip_cam", "cam_import")
 
 # code_version history: cam_train 2 and affinity_train 2 (batch_size is the global batch; backbone batchnorm /
 # frozen_stages), cam_infer 2 (only the image-resolution CAM stored), seg_train 2 (global batch; freeze_bn =
@@ -285,10 +282,5 @@ def active(cfg: "RunConfig | None") -> list[Stage]:
     return [s for s in STAGES if s.active(cfg)]
 
 
-def consumers(name: str, cfg: "RunConfig | None" = None) -> list[Stage]:
-    """The stages that read `name` (for this config)."""
-    return [s for s in active(cfg) if name in s.upstream(cfg)]
-
-
-__all__ = ["Stage", "Use", "When", "OneOf", "active", "STAGES", "STAGE_NAMES", "RegistryError", "validate", "get", "by_kind", "consumers",
+__all__ = ["Stage", "Use", "When", "OneOf", "active", "STAGES", "STAGE_NAMES", "RegistryError", "validate", "get", "by_kind",
            "KINDS", "SPLITS"]
