@@ -330,7 +330,8 @@ def test_node2_killed_mid_per_image_stage(cluster, tmp_path_factory):
     rows = [r for part in parts for r in pq.read_table(part, filesystem=fs).to_pylist()]
     again = [r["image_id"] for r in rows if r["image_id"] in finished and r["status"] == "done"
              and r["written_at"] > t_snapshot]
-    assert again == [], f"finished before the kill, computed again: {again}"
+    assert again == [], (f"finished before the kill, computed again: {again}; snapshot at {t_snapshot:.3f}, their "
+                         f"manifest rows: {[r for r in rows if r['image_id'] in again]}")
     assert sorted(rw.manifest().column("image_id").to_pylist()) == sorted(rw.listed_ids()) and len(rw.listed_ids()) == n
     # byte-identical to the uninterrupted run
     ref = stage_out(src, "random_walk")
