@@ -14,6 +14,7 @@ from rca_core.stages.local import record_run
 from rca_core.stages.planning import plan, run_order
 from rca_core.store import ArtifactStore
 from tasks import console, progress
+from tasks.cluster_fit import check_cluster_fits
 from tasks.ray_runtime import ray_session
 
 from .stage_flows import STAGE_FLOWS, prepare_config
@@ -69,6 +70,7 @@ def pipeline(config: RunConfig = RunConfig(), stages: list[str] | None = None) -
         _tell(f"note: {note}")
     results, rows = {}, []
     with ray_session(cfg.ray):
+        check_cluster_fits(cfg, order)  # within seconds, not after the stages before the one that would wait
         for name in order:
             t = time.time()
             progress.forget(name)

@@ -34,6 +34,9 @@ class RayConfig(StrictModel):
         "CPUs (torch threads) per training worker (None = cpus_per_worker)"))
     single_worker_group: bool = Field(False, description=(
         "with num_workers 1, still start a Ray Train worker group (default: one Ray task, no group)"))
+    resource_wait_s: float = Field(0.0, ge=0, description=(
+        "a stage asking for more CPUs/GPUs than the cluster's nodes hold fails at once (0), or after asking the "
+        "autoscaler and waiting this long for nodes to join (an autoscaling cluster)"))
     preflight_timeout_s: float = Field(30.0, gt=0, description=(
         "before a stage fans out, each node must read a marker in the store and see the data within this time"))
     stage_gpus: dict[str, bool] = Field(default_factory=dict, description=(
