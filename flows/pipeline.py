@@ -20,7 +20,7 @@ from tasks.ray_runtime import ray_session
 from .stage_flows import STAGE_FLOWS, prepare_config
 
 METRIC_KEYS = ("miou", "miou_all", "miou_confident", "kept_fraction", "best_threshold", "map", "val_miou",
-               "miou_single_scale")
+               "miou_single_scale", "gflop_per_s", "flop_utilisation")
 
 
 @task(name="prepare-data")

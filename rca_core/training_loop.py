@@ -32,6 +32,7 @@ Checkpoints of earlier versions of the stages still resume: their elapsed time u
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from rca_core import flops
 from rca_core import train_utils as tu
 
 log = logging.getLogger("rca.train")
@@ -166,7 +168,7 @@ def train_one_epoch(stage: TrainingStage, setup: Setup, run: Run, loader: DataLo
     model, optimizer = run.ddp, run.optimizer
     sums = {k: 0.0 for k in stage.loss_keys}
     counts = {k: 0 for k in stage.loss_keys}
-    n_steps, lr = 0, None
+    n_steps, lr, step_gflop = 0, None, 0.0
     t_epoch = time.time()
     stage.epoch_start(epoch)
     model.train()
@@ -178,12 +180,17 @@ def train_one_epoch(stage: TrainingStage, setup: Setup, run: Run, loader: DataLo
         batch = _to_device(batch, device)
         lr = tu.set_poly_lr(optimizer, run.step, run.total_steps, setup.poly_power)
         at = Step(epoch, run.step, run.total_steps, run.steps_per_epoch)
-        out = stage.loss(model, batch, at)
-        loss = out["loss"]
-        tu.check_finite(loss, f"{stage.name}: loss at step {run.step} (epoch {epoch + 1})", device,
-                        stage.nonfinite_hint)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # this rank's forward + backward FLOPs, counted on the epoch's first step (every step has the same shapes;
+        # the counter's dispatch costs a few % of a step)
+        with flops.counting() if n_steps == 0 else contextlib.nullcontext() as counted:
+            out = stage.loss(model, batch, at)
+            loss = out["loss"]
+            tu.check_finite(loss, f"{stage.name}: loss at step {run.step} (epoch {epoch + 1})", device,
+                            stage.nonfinite_hint)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if n_steps == 0:
+            step_gflop = counted.gflop
         optimizer.step()
         stage.after_step(out, at)
         for k in stage.loss_keys:
@@ -204,6 +211,7 @@ def train_one_epoch(stage: TrainingStage, setup: Setup, run: Run, loader: DataLo
     row.update({k: sums[k] / counts[k] if counts[k] else None for k in stage.loss_keys})
     row.update(stage.epoch_metrics())
     row["seconds"] = time.time() - t_epoch
+    row["gflop"] = round(step_gflop * n_steps, 1)  # this rank's model FLOPs in the epoch (forward + backward)
     # losses: mean over ranks (each rank's mean over its steps of its share of the global batch)
     return {k: (tu.all_reduce_mean(v, device) if k in sums and v is not None else v) for k, v in row.items()}
 
@@ -297,7 +305,10 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
 def common_summary(run: Run) -> dict:
     """The summary keys of every training stage."""
     last = run.history[-1] if run.history else {}
-    return {"finished": run.finished, "epochs_done": len(run.history), "steps": run.step,
+    gflop = sum(r.get("gflop") or 0.0 for r in run.history)
+    seconds = sum(r.get("seconds") or 0.0 for r in run.history if r.get("gflop"))
+    peak = flops.matmul_peak_gflops(next(run.model.parameters()).device) if gflop else None
+    return {**flops.utilisation(gflop, seconds, peak), "finished": run.finished, "epochs_done": len(run.history), "steps": run.step,
             "max_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
             "global_batch": run.global_batch, "per_rank_batch": run.per_rank_batch, "world_size": tu.world_size(),
             "trainable_parameters": sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]),

@@ -66,3 +66,33 @@ def test_only_ids_listed_in_the_store_are_verified(tmp_path, monkeypatch):
     checked.clear()
     rows = process_images(Both(fresh), ["x", "y"], out=fresh, maybe_done=set(fresh.listed_ids()))
     assert checked == [] and [r["status"] for r in rows] == ["done", "done"]
+
+
+def test_model_flops_are_counted_on_the_first_images_of_a_shard(tmp_path):
+    """The first COUNT_FLOPS_IMAGES computed images carry their counted model GFLOP (a known matmul: 2*m*k*n),
+    the others none; the stage's summary has GFLOP per image, GFLOP/s and the share of this worker's matmul peak."""
+    import torch
+
+    from rca_core.stages import runner
+
+    out = ArtifactStore(tmp_path / "s").stage("toy", "f").prepare(["m"])
+
+    class Mm(Toy):
+        def process(self, image_id):
+            torch.mm(torch.ones(100, 200), torch.ones(200, 300))  # 2 * 100 * 200 * 300 = 0.012 GFLOP
+            return super().process(image_id)
+
+    rows = process_images(Mm(out), ["a", "b", "c", "d"], out=out)
+    counted = [r["gflop"] for r in rows]
+    assert counted[:runner.COUNT_FLOPS_IMAGES] == [0.012] * runner.COUNT_FLOPS_IMAGES, counted
+    assert counted[runner.COUNT_FLOPS_IMAGES:] == [None] * (4 - runner.COUNT_FLOPS_IMAGES), counted
+
+
+def test_flop_utilisation_figures():
+    from rca_core import flops
+
+    u = flops.utilisation(120.0, 2.0, 100.0)
+    assert u == {"gflop": 120.0, "gflop_per_s": 60.0, "peak_gflop_per_s": 100.0, "flop_utilisation": 0.6}
+    assert flops.utilisation(0.0, 2.0, 100.0)["flop_utilisation"] is None  # nothing counted: no figure
+    peak = flops.matmul_peak_gflops("cpu", n=256, seconds=0.05)
+    assert peak > 0 and flops.matmul_peak_gflops("cpu", n=256, seconds=0.05) == peak  # measured once, cached

@@ -35,9 +35,10 @@ from .common import ROOT, machine
 
 SCHEMA = 1
 RESULTS = ROOT / "bench" / "results"
-SUBJECTS = ("stages", "pipeline", "quality", "store")  # the entry points, in the order the table lists them
+SUBJECTS = ("stages", "peer", "pipeline", "quality", "store")  # the entry points, in the order the table lists them
 # each entry point's benchmarks in the order it lists them (bench/_lib/cli.Subject checks its list against this)
 BENCHMARKS = {"stages": ("throughput", "scaling", "nodes", "ray-data", "voc-cost", "cam-sources", "growth"),
+              "peer": ("irn",),
               "pipeline": ("overhead", "resume", "prefect-load"),
               "quality": ("cam-ablation", "refine", "segmenter", "workers"),
               "store": ("vs-npy", "s3", "s3-client-cpu")}

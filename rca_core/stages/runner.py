@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from rca_core import object_io
+from rca_core import flops, object_io
 from rca_core.config import RunConfig
 from rca_core.store import ArtifactStore, StageOutput
 
@@ -31,6 +32,9 @@ from .label_scoring import is_scored
 from .planning import StagePlan, plan
 
 KEPT = "kept"  # manifest status of an image found finished (verified) instead of computed
+# the first images of each shard computed under torch's FLOP counter (its dispatch costs a few % per image, so
+# not every image): the stage's GFLOP per image is their mean, its GFLOP/s that over the seconds per image
+COUNT_FLOPS_IMAGES = 2
 
 
 def stage_module(name_or_plan: str | StagePlan):
@@ -56,7 +60,9 @@ def run_shard(worker: Any, ids: list[str], maybe_done: set[str] | None = None, *
     """Run a shard on a built Worker: {"rows": manifest rows, "partial": the Worker's statistics or None}."""
     rows = process_images(worker, ids, show_progress=show_progress, on_done=on_done, out=worker.ctx.out,
                           maybe_done=maybe_done, lookahead=lookahead, io_threads=io_threads)
-    return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None}
+    # this worker's matmul peak (its device and threads; measured once per process), where it ran model FLOPs
+    peak = flops.matmul_peak_gflops(worker.ctx.device) if any(r.get("gflop") for r in rows) else None
+    return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None, "peak_gflops": peak}
 
 
 def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
@@ -99,6 +105,7 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
         for k in range(min(lookahead, len(todo))):
             start(k)
         writes = out.write_behind() if out is not None else contextlib.nullcontext()
+        n_counted = 0
         with writes:
             for n, image_id in enumerate(tqdm(ids, desc=desc, disable=not show_progress, leave=False)):
                 t = time.perf_counter()
@@ -108,9 +115,13 @@ def process_images(worker: Any, ids: list[str], show_progress: bool = False, des
                     rows.append({"image_id": image_id, "status": KEPT, "seconds": time.perf_counter() - t})
                 else:
                     start(position[image_id] + lookahead)
-                    stats = worker.process(image_id) or {}
+                    counting = n_counted < COUNT_FLOPS_IMAGES
+                    with flops.counting() if counting else contextlib.nullcontext() as counted:
+                        stats = worker.process(image_id) or {}
+                    n_counted += counting
                     rows.append({"image_id": image_id, "status": "done", "seconds": time.perf_counter() - t,
-                                 "written_at": time.time(), **stats})
+                                 "written_at": time.time(), "gflop": round(counted.gflop, 3) if counting else None,
+                                 **stats})
                 if on_done:
                     on_done(n + 1, len(ids))
     finally:
@@ -148,6 +159,9 @@ class PerImageRun:
         self.t0 = time.time()  # reset by begin(): a stage's "seconds" run from there
         self.storage_before = object_io.STATS.snapshot()  # this process's object-storage requests from here on
         self.worker_storage: list[dict] = []               # the workers' (other processes), shard by shard
+        self.gflop_counted, self.images_counted = 0.0, 0  # model FLOPs of the images counted (COUNT_FLOPS_IMAGES)
+        self.compute_seconds = 0.0  # the computed images' seconds
+        self.peaks: list[float] = []             # the workers' matmul peaks (GFLOP/s), shard by shard
 
     @property
     def ids(self) -> list[str]:
@@ -177,6 +191,12 @@ class PerImageRun:
             self.parts.append(result["partial"])
         self.images += len(rows)
         self.computed += sum(r["status"] != KEPT for r in rows)
+        counted = [r["gflop"] for r in rows if r["status"] != KEPT and r.get("gflop") is not None]
+        self.gflop_counted += sum(counted)
+        self.images_counted += len(counted)
+        self.compute_seconds += sum(r["seconds"] for r in rows if r["status"] != KEPT)
+        if result.get("peak_gflops"):
+            self.peaks.append(result["peak_gflops"])
         if result.get("storage"):
             self.worker_storage.append(result["storage"])
         return rows
@@ -192,6 +212,11 @@ class PerImageRun:
         summary["recomputed_images"] = self.computed
         summary["listed_at_start"] = len(self.listed)
         summary.update(object_io.summary_fields(object_io.stats_since(self.storage_before), *self.worker_storage))
+        if self.gflop_counted > 0:  # per worker: model FLOPs per image over seconds per image, against its peak
+            per_image = self.gflop_counted / self.images_counted
+            summary.update(flops.utilisation(per_image * self.computed, self.compute_seconds,
+                                             statistics.median(self.peaks) if self.peaks else None))
+            summary["gflop_per_image"] = round(per_image, 2)
         summary.update(extra)
         summary.setdefault("seconds", time.time() - self.t0)
         self.out.mark_complete(summary)
