@@ -195,7 +195,7 @@ def _ours(cfg, stages: list[str]) -> list[dict]:
     from rca_core.stages.planning import plan
     from rca_core.store import ArtifactStore
 
-    from bench.stages import time_stage
+    from bench._lib.voc import time_stage
 
     store, plans = ArtifactStore(cfg.store), plan(cfg)
     rows = []
@@ -233,7 +233,7 @@ Goals (issue #26): plain <= 1.0x IRN in every stage; rca <= 1.3x in cam_train an
     from rca_core.data import make_dataset
 
     from bench._lib.demo import config_file
-    from bench.stages import voc_work
+    from bench._lib.voc import voc_work
 
     t_all = time.time()
     torch.set_num_threads(args.threads)
