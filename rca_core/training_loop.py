@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rca_core import flops
 from rca_core import train_utils as tu
+from rca_core.device import FastPath
 
 log = logging.getLogger("rca.train")
 
@@ -93,6 +94,7 @@ class Run:
     finished: bool = False
     stopped_early: bool = False         # max_seconds ended the training (in this call or an earlier one)
     resumed_from_epoch: int | None = None
+    scaler: object = None               # torch.amp.GradScaler under compute.precision fp16, else None
 
     def elapsed(self) -> float:
         """Training seconds over every call so far."""
@@ -161,11 +163,14 @@ def _out_of_time(run: Run, max_seconds: float | None, device: torch.device, earl
 
 
 def train_one_epoch(stage: TrainingStage, setup: Setup, run: Run, loader: DataLoader, epoch: int,
-                    device: torch.device, progress: Callable[[int, int], None] | None = None) -> dict:
+                    device: torch.device, progress: Callable[[int, int], None] | None = None,
+                    fast: FastPath | None = None) -> dict:
     """One epoch (or what is left of the steps / the time budget): returns its history row, the loss terms
     averaged over the epoch's steps and over the ranks. Advances run.step; sets run.stopped_early when
     max_seconds ran out."""
     model, optimizer = run.ddp, run.optimizer
+    fast = fast or FastPath(device)
+    scaler = run.scaler
     sums = {k: 0.0 for k in stage.loss_keys}
     counts = {k: 0 for k in stage.loss_keys}
     n_steps, lr, step_gflop = 0, None, 0.0
@@ -183,15 +188,20 @@ def train_one_epoch(stage: TrainingStage, setup: Setup, run: Run, loader: DataLo
         # this rank's forward + backward FLOPs, counted on the epoch's first step (every step has the same shapes;
         # the counter's dispatch costs a few % of a step)
         with flops.counting() if n_steps == 0 else contextlib.nullcontext() as counted:
-            out = stage.loss(model, batch, at)
-            loss = out["loss"]
+            with fast.autocast():  # compute.precision: the forward and the loss; backward outside, as torch advises
+                out = stage.loss(model, batch, at)
+            loss = out["loss"].float()
             tu.check_finite(loss, f"{stage.name}: loss at step {run.step} (epoch {epoch + 1})", device,
                             stage.nonfinite_hint)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         if n_steps == 0:
             step_gflop = counted.gflop
-        optimizer.step()
+        if scaler is not None:  # fp16: steps with inf/nan gradients are skipped, the scale adapts
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         stage.after_step(out, at)
         for k in stage.loss_keys:
             v = out.get(k)
@@ -240,7 +250,8 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
     device = ctx.device
     tu.seed_everything(seed)
     setup = stage.setup()
-    model, optimizer = setup.model, setup.optimizer
+    fast = ctx.fast() if hasattr(ctx, "fast") else FastPath(device)
+    model, optimizer = fast.model(setup.model), setup.optimizer  # channels-last in place: the optimizer's params
     ckpt = ctx.checkpointer()
     state = tu.load_checkpoint(ckpt, model, optimizer, map_location=device)
     extra = state["extra"] if state else {}
@@ -260,7 +271,7 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
     ddp = tu.wrap_ddp(model, device, find_unused_parameters=setup.find_unused_parameters)
     run = Run(model=model, ddp=ddp, optimizer=optimizer, global_batch=global_batch, per_rank_batch=per_rank,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-              n_epochs=math.ceil(total_steps / steps_per_epoch))
+              n_epochs=math.ceil(total_steps / steps_per_epoch), scaler=fast.grad_scaler())
     start_epoch = 0
     if state:
         start_epoch, run.step, run.resumed_from_epoch = state["epoch"], state["step"], state["epoch"]
@@ -279,7 +290,7 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        row = train_one_epoch(stage, setup, run, loader, epoch, device, ctx.progress)
+        row = train_one_epoch(stage, setup, run, loader, epoch, device, ctx.progress, fast)
         run.history.append(row)
         if tu.is_main():
             log.info("%s epoch %d/%d: %s", stage.name, epoch + 1, run.n_epochs,
@@ -299,7 +310,8 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
         if run.history:
             ctx.out.write_table("history", _table_rows(run.history))
     tu.barrier()
-    return {**common_summary(run), **stage.summary(run)}
+    return {**common_summary(run), "compute_precision": fast.precision, "channels_last": fast.channels_last,
+            **stage.summary(run)}
 
 
 def common_summary(run: Run) -> dict:

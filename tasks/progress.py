@@ -230,7 +230,7 @@ def summary_line(stage: str, status: str, seconds: float, metrics: dict | None =
         parts.append(f"(on {metrics['scored_on']})")
     rate, util = (metrics or {}).get("gflop_per_s"), (metrics or {}).get("flop_utilisation")
     if isinstance(rate, (int, float)) and status != "cached":  # model FLOPs per worker against its matmul peak
-        parts.append(f"{rate:.0f} GFLOP/s per worker" + (f" ({util:.0%} of peak)" if isinstance(util, float) else ""))
+        parts.append(f"{rate:.3g} GFLOP/s per worker" + (f" ({util:.0%} of peak)" if isinstance(util, float) else ""))
     retries, gave_up = (metrics or {}).get("storage_retries") or 0, (metrics or {}).get("storage_gave_up") or 0
     if retries or gave_up:  # object storage answered with errors the policy rode out (or did not)
         parts.append(f"storage: {retries} retries" + (f", {gave_up} gave up" if gave_up else "")

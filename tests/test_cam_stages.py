@@ -164,3 +164,35 @@ def test_cam_infer_starts_from_a_given_checkpoint_without_training(data_root, tm
                  backbone={"name": "small", "output_stride": 8, "width": 16})
     with pytest.raises(ValueError, match=r"cam.checkpoint .*model.pt does not fit the configured network"):
         run_stage("cam_train", wrong, show_progress=False)
+
+
+def test_bf16_cam_inference_stays_close_to_fp32_and_reports_its_flops(data_root, tmp_path, monkeypatch):
+    """compute.precision bf16 (autocast; runs on CPU too) on the same trained model: CAMs within a few hundredths
+    of fp32's, under keys of their own; the summaries say the precision, the memory format and the model FLOPs."""
+    from rca_core.cam_ops import decode_cam
+    from rca_core.device import fast_path
+
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+    first = tiny(data_root, tmp_path / "fp32")
+    run_stage("cam_infer", first, show_progress=False)
+    fp = plan(first)
+    trained = ArtifactStore(first.store).stage("cam_train", fp["cam_train"].fingerprint)
+    over = {"store": str(tmp_path / "bf16"), "data": {"root": data_root},
+            "compute": {"threads": 1, "precision": "bf16"}, "cam": {"checkpoint": trained.file("model.pt").path}}
+    low = load_config(ROOT / "configs" / "tiny.yaml", over)
+    lp = plan(low)
+    assert lp["cam_infer"].key != fp["cam_infer"].key  # an explicit precision is part of the key
+    run_stage("cam_infer", low, show_progress=False)
+    a = ArtifactStore(first.store).stage("cam_infer", fp["cam_infer"].fingerprint)
+    b = ArtifactStore(low.store).stage("cam_infer", lp["cam_infer"].fingerprint)
+    diffs = [np.abs(decode_cam(a.read(i, "cam")[0]) - decode_cam(b.read(i, "cam")[0])).mean() for i in a.listed_ids()]
+    assert max(diffs) < 0.03, diffs
+    sa, sb = a.summary(), b.summary()
+    assert sa["compute_precision"] == "fp32" and sb["compute_precision"] == "bf16" and sb["channels_last"] is True
+    assert sa["gflop_per_image"] > 0 and 0 < sa["flop_utilisation"] < 5 and sa["peak_gflop_per_s"] > 0
+    train = ArtifactStore(first.store).stage("cam_train", fp["cam_train"].fingerprint).summary()
+    assert train["compute_precision"] == "fp32" and train["gflop"] > 0 and train["flop_utilisation"] > 0
+    assert fast_path(first.compute, "cpu").precision == "fp32"  # auto on CPU
+    with pytest.raises(ValueError, match="compute.precision fp16 runs on GPUs only"):
+        fast_path(low.compute.model_copy(update={"precision": "fp16"}), "cpu")

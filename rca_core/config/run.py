@@ -17,6 +17,12 @@ from .segmenter import SegmenterConfig
 class ComputeConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
     threads: int | None = Field(None, ge=1, description="torch threads per process (None = torch default)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "the networks' arithmetic (torch.autocast) in training and inference: auto = bf16 on a GPU that has it "
+        "(fp16 on one that has not), fp32 on CPU; bf16 also runs on CPUs (fast where they have AVX-512 BF16 / AMX). "
+        "Set explicitly, it is part of the model stages' store keys"))
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description=(
+        "the networks in channels-last memory format (faster convolutions): auto = on"))
 
 
 class RayConfig(StrictModel):

@@ -113,7 +113,7 @@ class AffinityTraining(TrainingStage):
 
     def loss(self, model, batch, at: Step) -> dict:
         x, y = batch
-        return affinity_loss(model(x), affinity_labels(y, self.cfg.refine.affinity.radius), mean=tu.global_mean)
+        return affinity_loss(model(x).float(), affinity_labels(y, self.cfg.refine.affinity.radius), mean=tu.global_mean)
 
     def write_outputs(self, run: Run) -> None:
         tu.save_checkpoint(self.ctx.out.file("model.pt"), self.net, None, len(run.history), run.step, with_rng=False)

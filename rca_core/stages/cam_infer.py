@@ -22,7 +22,9 @@ class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"), ctx.device)
+        self.fast = ctx.fast()
+        self.model = self.fast.model(load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"),
+                                                  ctx.device))
         if self.model.use_aggregation:
             protos, valid = load_prototypes(ctx.inputs["prototypes"])
             self.model.set_prototypes(protos.to(ctx.device), valid.to(ctx.device))
@@ -31,8 +33,9 @@ class Worker:
         ds = self.ctx.dataset
         classes = sorted(set(int(t) for t in ds.tags(image_id)))
         ic = self.cfg.cam_infer
-        cam = multiscale_cam(self.model, ds.image(image_id), tags_to_indices(classes, self.num_classes),
-                             ic.scales, ic.flip, self.ctx.device)
+        with self.fast.autocast():  # the network in compute.precision; the CAMs are summed in float32
+            cam = multiscale_cam(self.model, ds.image(image_id), tags_to_indices(classes, self.num_classes),
+                                 ic.scales, ic.flip, self.ctx.device)
         return cam, classes
 
     def process(self, image_id: str) -> dict:

@@ -132,6 +132,7 @@ class CamTraining(TrainingStage):
         model, cam_cfg, tc = self.model, self.cfg.cam, self.cfg.cam.train
         x, y = batch
         out = ddp(x, with_embeddings=model.use_memory)
+        out = {k: v.float() for k, v in out.items()}  # under compute.precision bf16/fp16: the heads' results as float32
         n_img = x.shape[0]  # this rank's share of the global batch: means are over the global batch
         loss_cls = tu.global_mean(F.multilabel_soft_margin_loss(out["logits"], y, reduction="sum"), n_img)
         terms = {"loss_cls": loss_cls, "loss_plain": None, "loss_sc": None, "logits": out["logits"], "target": y}

@@ -38,6 +38,13 @@ class StageContext:
     extra: dict = field(default_factory=dict)         # split, stage key, the scored subset
     checkpoint: Any = None                            # a train_utils.Checkpointer (None: files/checkpoint.pt)
     plan: StagePlan | None = None                     # the stage's plan (its record: fields, prefetch, ...)
+    compute: Any = None                               # the run's compute section (precision, channels_last)
+
+    def fast(self):
+        """The networks' fast path (autocast precision, channels-last) on this context's device."""
+        from rca_core.device import fast_path
+
+        return fast_path(self.compute, self.device)
 
     def checkpointer(self):
         """Where a training stage saves and resumes: the given Checkpointer (Ray Train's under Ray),
@@ -62,7 +69,7 @@ def make_context(name: str, cfg: RunConfig, store: ArtifactStore, plans: dict[st
     inputs = Inputs(name, {role: store.stage(up, plans[up].fingerprint) for role, up in p.roles.items()})
     return StageContext(
         out=store.stage(name, p.fingerprint), inputs=inputs, ids=list(ds.ids), dataset=ds,
-        device=pick_device(cfg.compute.device), progress=progress, plan=p,
+        device=pick_device(cfg.compute.device), progress=progress, plan=p, compute=cfg.compute,
         extra={"split": p.split, "stage_key": p.key, **eval_subset(cfg, p.split, ds.ids)},
     )
 

@@ -26,7 +26,9 @@ class Worker:
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.num_classes = cfg.data.num_classes
-        self.model = load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"), ctx.device)
+        self.fast = ctx.fast()
+        self.model = self.fast.model(load_cam_net(cfg.cam, self.num_classes, ctx.inputs["model"].file("model.pt"),
+                                                  ctx.device))
         self._part: list = []
 
     @torch.no_grad()
@@ -35,7 +37,9 @@ class Worker:
         classes = sorted(set(int(t) for t in ds.tags(image_id)))
         chans = tags_to_indices(classes, self.num_classes)
         x = torch.from_numpy(normalize_image(ds.image(image_id))).unsqueeze(0).to(self.ctx.device)
-        out = self.model(x, with_embeddings=True)
+        with self.fast.autocast():
+            out = self.model(x, with_embeddings=True)
+        out = {k: v.float() for k, v in out.items()}
         tags = torch.zeros(1, self.num_classes - 1, device=x.device)
         tags[0, chans] = 1
         masks, index = region_masks(out["cam_plain"], tags)

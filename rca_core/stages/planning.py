@@ -78,7 +78,10 @@ def check_active(name: str, cfg: RunConfig) -> None:
 def stage_plan(name: str, cfg: RunConfig, inputs: dict[str, str]) -> StagePlan:
     """One stage's plan given its inputs' fingerprints (e.g. to refine CAMs of another source)."""
     rec = registry.get(name)
-    fp = fingerprint(name, rec.code_version, weights_identity(rec.config(cfg)), data_identity(cfg), cfg.seed, inputs)
+    parts = [name, rec.code_version, weights_identity(rec.config(cfg)), data_identity(cfg), cfg.seed, inputs]
+    if cfg.compute.precision != "auto":  # an explicit precision is part of every key (auto: the device's default)
+        parts.append({"precision": cfg.compute.precision})
+    fp = fingerprint(*parts)
     return StagePlan(name, fp, dict(inputs), rec.uses(cfg), getattr(cfg.data, rec.split), rec)
 
 

@@ -38,12 +38,14 @@ class Worker:
             aff_out = ctx.inputs["affinity"]
             if not aff_out.has_file("model.pt"):
                 raise FileNotFoundError(f"no trained AffinityNet in {aff_out.uri}/files/model.pt")
-            self.net = load_affinity_net(cfg.refine.affinity, aff_out.file("model.pt"), ctx.device)
+            self.fast = ctx.fast()
+            self.net = self.fast.model(load_affinity_net(cfg.refine.affinity, aff_out.file("model.pt"), ctx.device))
 
     @torch.no_grad()
     def affinities(self, image: np.ndarray) -> torch.Tensor:
         x = image_to_tensor(image).unsqueeze(0).to(self.ctx.device)
-        return self.net(x)[0]
+        with self.fast.autocast():  # the network in compute.precision; the walk in float32
+            return self.net(x)[0].float()
 
     def process(self, image_id: str) -> dict:
         cams, classes = read_cams(self.cams, image_id)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from rca_core import flops, object_io
 from rca_core.config import RunConfig
+from rca_core.device import FastPath
 from rca_core.store import ArtifactStore, StageOutput
 
 from .context import StageContext, make_context
@@ -62,7 +63,9 @@ def run_shard(worker: Any, ids: list[str], maybe_done: set[str] | None = None, *
                           maybe_done=maybe_done, lookahead=lookahead, io_threads=io_threads)
     # this worker's matmul peak (its device and threads; measured once per process), where it ran model FLOPs
     peak = flops.matmul_peak_gflops(worker.ctx.device) if any(r.get("gflop") for r in rows) else None
-    return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None, "peak_gflops": peak}
+    fast = worker.fast if isinstance(getattr(worker, "fast", None), FastPath) else None  # a stage with networks
+    return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None, "peak_gflops": peak,
+            "fast": {"compute_precision": fast.precision, "channels_last": fast.channels_last} if fast else None}
 
 
 def process_images(worker: Any, ids: list[str], show_progress: bool = False, desc: str = "",
@@ -162,6 +165,7 @@ class PerImageRun:
         self.gflop_counted, self.images_counted = 0.0, 0  # model FLOPs of the images counted (COUNT_FLOPS_IMAGES)
         self.compute_seconds = 0.0  # the computed images' seconds
         self.peaks: list[float] = []             # the workers' matmul peaks (GFLOP/s), shard by shard
+        self.fast: dict | None = None            # the workers' precision and memory format (stages with networks)
 
     @property
     def ids(self) -> list[str]:
@@ -197,6 +201,8 @@ class PerImageRun:
         self.compute_seconds += sum(r["seconds"] for r in rows if r["status"] != KEPT)
         if result.get("peak_gflops"):
             self.peaks.append(result["peak_gflops"])
+        if result.get("fast"):
+            self.fast = result["fast"]
         if result.get("storage"):
             self.worker_storage.append(result["storage"])
         return rows
@@ -217,6 +223,8 @@ class PerImageRun:
             summary.update(flops.utilisation(per_image * self.computed, self.compute_seconds,
                                              statistics.median(self.peaks) if self.peaks else None))
             summary["gflop_per_image"] = round(per_image, 2)
+        if self.fast:
+            summary.update(self.fast)
         summary.update(extra)
         summary.setdefault("seconds", time.time() - self.t0)
         self.out.mark_complete(summary)

@@ -25,6 +25,8 @@ class Worker:
         self.cfg, self.ctx = cfg, ctx
         seg = cfg.segmenter
         model, meta = load_segmenter(ctx.inputs["model"].file(MODEL_FILE), ctx.device)
+        self.fast = ctx.fast()
+        model = self.fast.model(model)
         if int(meta["num_classes"]) != cfg.data.num_classes:
             raise ValueError(f"segmenter has {meta['num_classes']} classes, data.num_classes is {cfg.data.num_classes}")
         self.predictor = Predictor(model, meta, ctx.device, seg.eval_scales, seg.eval_flip)
@@ -44,10 +46,13 @@ class Worker:
         self._cm.update(pred, gt)
         self._scored += 1
         if self.single is not None:
-            self._cm1.update(self.single.probs(image[None])[0].argmax(0).to(torch.uint8).cpu().numpy(), gt)
+            with self.fast.autocast():
+                single = self.single.probs(image[None])[0].float()
+            self._cm1.update(single.argmax(0).to(torch.uint8).cpu().numpy(), gt)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        probs = self.predictor.probs(image[None])[0]
+        with self.fast.autocast():  # the network in compute.precision; the CRF on float32 probabilities
+            probs = self.predictor.probs(image[None])[0].float()
         if self.crf is None:
             return probs.argmax(0).to(torch.uint8).cpu().numpy()
         from rca_core.crf import dense_crf  # pydensecrf only when asked for

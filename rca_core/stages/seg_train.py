@@ -156,7 +156,7 @@ class SegTraining(tl.TrainingStage):
         img, mask = batch
         x = (img.float().div_(255.0) - self.mean) / self.std
         y = mask.long()
-        logits = model(x)
+        logits = model(x).float()
         # mean over the labelled pixels of the global batch (all ignored: a zero loss with a graph)
         return {"loss": tu.global_mean(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum"),
                                        (y != IGNORE).sum())}
