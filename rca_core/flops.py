@@ -45,7 +45,7 @@ def _sync(device: torch.device) -> None:
 
 
 def matmul_peak_gflops(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                       n: int | None = None, seconds: float = 0.4) -> float:
+                       n: int | None = None, seconds: float = 0.25) -> float:
     """Achieved GFLOP/s of an n x n `torch.mm` in `dtype` on `device` with this process's torch threads (cached)."""
     device = torch.device(device or "cpu")
     key = (str(device), dtype, torch.get_num_threads(), n)

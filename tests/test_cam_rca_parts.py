@@ -179,7 +179,7 @@ def test_cam_net_parts_switch(parts):
     net = CamNet(cfg, num_classes=4)
     out = net(torch.randn(2, 3, 32, 32), with_embeddings=True)
     assert out["cam"].shape == (2, 3, 4, 4) and out["logits"].shape == (2, 3)
-    assert ("emb" in out) == mem and hasattr(net, "aggregation") == agg
+    assert ("emb_hidden" in out) == mem and hasattr(net, "aggregation") == agg
     if not agg:
         assert out["cam"] is out["cam_plain"]
     names = set(net.state_dict())
@@ -191,3 +191,41 @@ def test_config_refuses_inconsistent_parts():
         CamConfig.model_validate({"memory": {"enabled": False}, "aggregation": {"enabled": False}})
     with pytest.raises(ValueError, match="aux_weight"):
         CamConfig.model_validate({"train": {"aux_weight": 0}})
+
+
+def test_folded_heads_equal_the_layers_run_in_turn():
+    """The aggregated CAM (fusion, output and classifier 1x1 convs folded into one product) and the region
+    embeddings (the projection head's last 3x3 conv applied to region averages) equal the layers run over every
+    pixel, in value and in every parameter's gradient."""
+    torch.manual_seed(0)
+    cfg = CamConfig.model_validate({"backbone": {"name": "small", "width": 8, "output_stride": 8},
+                                    "memory": {"enabled": True, "dim": 8, "size": 4}, "contrast": {"enabled": True},
+                                    "aggregation": {"enabled": True, "prototypes_per_class": 2,
+                                                    "fusion_init": "default"}})
+    net = CamNet(cfg, num_classes=4).double()
+    with torch.no_grad():  # prototypes, one of them invalid
+        net.set_prototypes(torch.randn(3, 2, 8, dtype=torch.float64), torch.tensor([[1, 1], [1, 0], [0, 1]]).bool())
+    x = torch.randn(2, 3, 40, 48, dtype=torch.float64)
+    tags = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.float64)
+
+    def folded():
+        out = net(x, with_embeddings=True)
+        masks, index = region_masks(out["cam_plain"], tags)
+        return out["cam"], net.region_embeddings(out, masks, index)
+
+    def in_turn():
+        feat = net.backbone(x)
+        cam = net.agg_classifier(net.aggregation(feat, net.prototypes, net.prototype_valid))
+        masks, index = region_masks(net.classifier(feat), tags)
+        return cam, region_embeddings(net.projection(feat), masks, index)
+
+    grads = []
+    for fn in (folded, in_turn):
+        net.zero_grad()
+        cam, emb = fn()
+        (cam.square().mean() + emb.sin().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        grads[-1]["_values"] = torch.cat([cam.flatten(), emb.flatten()])
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-10), k

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class SemanticAggregation(nn.Module):
@@ -59,3 +60,21 @@ class SemanticAggregation(nn.Module):
     def forward(self, x: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         a = self.out(self.attend(x, prototypes, valid))
         return self.fuse(torch.cat([x, a], dim=1))
+
+    def classify(self, x: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor | None,
+                 weight: torch.Tensor) -> torch.Tensor:
+        """`conv2d(forward(x, prototypes, valid), weight)` for a bias-free 1x1 classifier `weight` (n, C, 1, 1),
+        without the C x 2C fusion conv and the D -> C output conv over every pixel: fuse, out and the classifier
+        are linear 1x1 maps in a row, so their product (n x C for x, n x D for the aggregated context, computed
+        once per call) is applied instead. The same values and gradients, up to float rounding; for n = 20
+        classes and C = 2048 it removes ~19 GFLOP per 32 x 32 feature map from the forward pass."""
+        c = x.shape[1]
+        wc = weight.flatten(1)                                              # (n, C)
+        wf = self.fuse.weight.flatten(1)                                    # (C, 2C): [on x | on the context]
+        wca = wc @ wf[:, c:]                                                # (n, C)
+        w_x = wc @ wf[:, :c]                                                # (n, C)
+        w_att = wca @ self.out.weight.flatten(1)                            # (n, D)
+        bias = wca @ self.out.bias + wc @ self.fuse.bias                    # (n,)
+        att = self.attend(x, prototypes, valid)                             # (B, D, h, w)
+        return (F.conv2d(x, w_x[:, :, None, None].to(x.dtype)) + F.conv2d(att, w_att[:, :, None, None].to(att.dtype))
+                + bias.view(1, -1, 1, 1).to(x.dtype))

@@ -22,7 +22,7 @@ from rca_core.kmeans import class_prototypes
 from rca_core.memory_bank import RegionMemory
 from rca_core.models.aggregation import SemanticAggregation
 from rca_core.models.backbones import build_backbone
-from rca_core.models.projection import ProjectionHead
+from rca_core.models.projection import ProjectionHead, region_embeddings, region_masks
 from rca_core.train_utils import load_trained_weights
 
 
@@ -54,20 +54,34 @@ class CamNet(nn.Module):
             nn.init.xavier_uniform_(m.weight)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, with_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_embeddings: bool = False,
+                tags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`tags` (B, n_fg) multi-hot, with `with_embeddings`: also the region embeddings "emb" (R, D) of every
+        (image, tag) pair "index" (R, 2) and their masks "masks" (R, h, w) (region_masks of the plain CAM), inside
+        the forward so that DDP sees every parameter used there."""
         feat = self.backbone(x)
         cam_plain = self.classifier(feat)
         out = {"feat": feat, "cam_plain": cam_plain, "logits_plain": cam_plain.mean(dim=(2, 3))}
-        if self.use_aggregation:
-            x_agg = self.aggregation(feat, self.prototypes, self.prototype_valid)
-            cam = self.agg_classifier(x_agg)
+        if self.use_aggregation:  # = agg_classifier(aggregation(feat, ...)), the 1x1 maps folded (SemanticAggregation.classify)
+            cam = self.aggregation.classify(feat, self.prototypes, self.prototype_valid, self.agg_classifier.weight)
         else:
             cam = cam_plain
         out["cam"] = cam
         out["logits"] = cam.mean(dim=(2, 3))
-        if with_embeddings and self.use_memory:
-            out["emb"] = self.projection(feat)
+        if with_embeddings and self.use_memory:  # the projection head's map before its last conv: see region_embeddings
+            out["emb_hidden"] = self.projection.hidden(feat)
+        if with_embeddings and tags is not None:
+            out["masks"], out["index"] = region_masks(cam_plain, tags)
+            out["emb"] = self.region_embeddings(out, out["masks"], out["index"])
         return out
+
+    def region_embeddings(self, out: dict, masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Region embeddings (R, D) of a forward's output: the projection head's output averaged over each region
+        (ProjectionHead.region_embeddings, its last conv applied to the region averages); without the memory
+        (no head), the backbone features' averages."""
+        if "emb_hidden" in out:
+            return self.projection.region_embeddings(out["emb_hidden"], masks, index)
+        return region_embeddings(out["feat"], masks, index)
 
     @torch.no_grad()
     def cam_maps(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,6 @@ from rca_core.cam_ops import normalize_image, tags_to_indices
 from rca_core.losses.contrast import semantic_contrast_loss
 from rca_core.models.cam_net import CamNet
 from rca_core.models.norm import sync_batchnorm
-from rca_core.models.projection import region_embeddings, region_masks
 from rca_core.training_loop import Run, Setup, Step, TrainingStage, fit, make_optimizer
 
 
@@ -131,8 +130,9 @@ class CamTraining(TrainingStage):
     def loss(self, ddp, batch, at: Step) -> dict:
         model, cam_cfg, tc = self.model, self.cfg.cam, self.cfg.cam.train
         x, y = batch
-        out = ddp(x, with_embeddings=model.use_memory)
-        out = {k: v.float() for k, v in out.items()}  # under compute.precision bf16/fp16: the heads' results as float32
+        out = ddp(x, with_embeddings=model.use_memory, tags=y if model.use_memory else None)
+        # under compute.precision bf16/fp16: the heads' results as float32
+        out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
         n_img = x.shape[0]  # this rank's share of the global batch: means are over the global batch
         loss_cls = tu.global_mean(F.multilabel_soft_margin_loss(out["logits"], y, reduction="sum"), n_img)
         terms = {"loss_cls": loss_cls, "loss_plain": None, "loss_sc": None, "logits": out["logits"], "target": y}
@@ -142,8 +142,7 @@ class CamTraining(TrainingStage):
                                                  n_img)
             loss = loss + tc.aux_weight * terms["loss_plain"]
         if model.use_memory:
-            masks, index = region_masks(out["cam_plain"], y)
-            emb = region_embeddings(out["emb"], masks, index)
+            emb, index = out["emb"], out["index"]  # region embeddings of every (image, tag): in the forward
             terms["emb"], terms["index"] = emb, index  # written into the memory after the optimizer step
             if model.use_contrast and at.step >= cam_cfg.contrast.warmup_epochs * at.steps_per_epoch:
                 mem_e, mem_c = model.memory.entries()

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from rca_core.cam_ops import normalize_image, tags_to_indices
 from rca_core.kmeans import class_prototypes
 from rca_core.models.cam_net import load_cam_net
-from rca_core.models.projection import region_embeddings, region_masks
 
 
 
@@ -37,14 +36,11 @@ class Worker:
         classes = sorted(set(int(t) for t in ds.tags(image_id)))
         chans = tags_to_indices(classes, self.num_classes)
         x = torch.from_numpy(normalize_image(ds.image(image_id))).unsqueeze(0).to(self.ctx.device)
-        with self.fast.autocast():
-            out = self.model(x, with_embeddings=True)
-        out = {k: v.float() for k, v in out.items()}
         tags = torch.zeros(1, self.num_classes - 1, device=x.device)
         tags[0, chans] = 1
-        masks, index = region_masks(out["cam_plain"], tags)
-        emb_map = out["emb"] if "emb" in out else out["feat"]
-        emb = F.normalize(region_embeddings(emb_map, masks, index), dim=1)
+        with self.fast.autocast():
+            out = self.model(x, with_embeddings=True, tags=tags)
+        emb = F.normalize(out["emb"].float(), dim=1)
         return emb.float().cpu().numpy(), classes
 
     def process(self, image_id: str) -> dict:
