@@ -201,11 +201,7 @@ def _ours(cfg, stages: list[str]) -> list[dict]:
     rows = []
     for name in stages:
         r = time_stage(name, cfg, store, plans)
-        summ = store.stage(name, plans[name].fingerprint).summary()
         r["wall_s"] = r["setup_s"] + r["s_per_img"] * r["images"]
-        r["gflop_per_s"] = summ.get("gflop_per_s")
-        r["peak_gflop_per_s"] = summ.get("peak_gflop_per_s")
-        r["flop_utilisation"] = summ.get("flop_utilisation")
         rows.append(r)
     return rows
 

@@ -6,6 +6,7 @@ cam-ablation  plain-CAM baseline vs RCA (and contrast-only, aggregation-only), s
 refine        pseudo-mask quality along the refinement chain: CAM -> CRF labels -> random walk
 segmenter     val mIoU of the segmenter trained on pseudo-masks vs on ground truth, prediction throughput
 workers       CAM mIoU after training on 1 vs 2 workers (the same recipe must give the same CAMs)
+precision     the demo pipeline in fp32 / channels-last / bf16: every stage's mIoU and time
 
 Stages run through rca_core.stages.local (run_stage / run_planned_stage), so per-image stages go through the one
 per-image lifecycle of rca_core.stages.runner. Each run writes its record to bench/results/quality.BENCHMARK.json
@@ -678,6 +679,73 @@ warm-up scaled to 1 epoch, as in cam-ablation), 1 torch thread per process; abou
                            "mean_abs_diff": mean_abs, "seed_std": spread, "seconds": seconds})
 
 
+# ============================================================================================ precision
+PRECISION_VARIANTS = {"fp32, NCHW": {"precision": "fp32", "channels_last": "off"},
+                      "fp32, channels-last": {"precision": "fp32", "channels_last": "on"},
+                      "bf16, channels-last": {"precision": "bf16", "channels_last": "on"}}
+PIPELINE_FIGURES = (("cam_eval", "miou", "CAM"), ("crf_labels", "miou_all", "CRF"),
+                    ("random_walk", "miou_all", "random walk"), ("seg_eval", "miou", "segmenter val"))
+
+
+def precision_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--images", type=int, default=400, help="demo training images (the config's: 1600)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
+    ap.add_argument("--work", default=str(BENCH_RUNS / "precision"), help="scratch folder (wiped first)")
+
+
+def precision(args) -> Result:
+    """The fast paths' effect on quality and time: the whole demo pipeline (cam_train .. seg_eval, the config's
+recipe on --images training images) in one process with --threads torch threads, once per setting of
+compute.precision / compute.channels_last: fp32 in the default memory layout (the code before the fast paths),
+fp32 channels-last (the CPU default now), bf16 channels-last (autocast; the GPU default, on CPU where asked).
+Each run trains from scratch in its own store, same seed; rows: each stage's mIoU and seconds. No goal: bf16
+changes rounding, so its figures move within what a seed does (docs/benchmarks.md, "CAM mIoU on 1 vs 2
+workers", has the seed spread)."""
+    import torch
+
+    from rca_core.config import load_config
+    from rca_core.stages.local import run_stage
+    from rca_core.stages.planning import plan
+    from rca_core.store import ArtifactStore
+
+    t_all = time.time()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    torch.set_num_threads(args.threads)
+    os.environ["RCA_NO_PROGRESS"] = "1"
+    rows, per_stage = [], {}
+    for name, compute in PRECISION_VARIANTS.items():
+        over = {"store": str(work / slug(name)), "data": {"root": str(work / "data"), "demo": {"n_train": args.images}},
+                "compute": {**compute, "threads": args.threads, "device": "cpu"}}
+        cfg = load_config(config_file(args.config), over)
+        store = ArtifactStore(cfg.store)
+        t0 = time.time()
+        run_stage("seg_eval", cfg, store, show_progress=False)
+        seconds = time.time() - t0
+        plans = plan(cfg)
+        summ = {n: store.stage(n, p.fingerprint).summary() for n, p in plans.items()}
+        row = {"setting": name}
+        for stage, key, label in PIPELINE_FIGURES:
+            m = summ[stage].get("metrics") or summ[stage]
+            row[label] = round(float(m[key]), 4)
+        row["pipeline_s"] = round(seconds, 1)
+        for stage in ("cam_train", "cam_infer", "affinity_train", "seg_train"):
+            row[f"{stage}_s"] = round(float(summ[stage].get("train_seconds", summ[stage].get("seconds", 0))), 1)
+        per_stage[name] = {n: {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None}
+                           for n, s in summ.items()}
+        rows.append(row)
+        print(f"[bench] {row}", flush=True)
+    headline = {r["setting"]: f"CAM {r['CAM']:.4f}, segmenter val {r['segmenter val']:.4f}, {r['pipeline_s']:.0f} s"
+                for r in rows}
+    notes = (f"{args.images} demo training images, the demo recipe (configs/demo.yaml), {args.threads} torch threads, "
+             f"one process, CPU (AVX-512 BF16, no AMX). mIoU: CAM = cam_eval's best-threshold mIoU, CRF and random "
+             f"walk on all pixels (255 as background), segmenter on val. Seconds: each stage's own (training: its "
+             f"loop). Total {time.time() - t_all:.0f} s.")
+    return Result("Fast paths on the demo: fp32 vs channels-last vs bf16, every stage's mIoU and time", rows,
+                  headline=headline, notes=notes, details={"stages": per_stage})
+
+
 SUBJECT = Subject("quality", __doc__, [
     Benchmark("cam-ablation", "plain-CAM baseline vs RCA, same budget, several seeds (goal: RCA > baseline)",
               cam_ablation_args, cam_ablation,
@@ -691,6 +759,8 @@ SUBJECT = Subject("quality", __doc__, [
               segmenter),
     Benchmark("workers", "CAM mIoU after training on 1 vs 2 workers (goal: within the seed spread)", workers_args,
               workers),
+    Benchmark("precision", "the demo pipeline in fp32 / channels-last / bf16: every stage's mIoU and time",
+              precision_args, precision),
 ])
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ SUBJECTS = ("stages", "peer", "pipeline", "quality", "store")  # the entry point
 BENCHMARKS = {"stages": ("throughput", "scaling", "nodes", "ray-data", "voc-cost", "cam-sources", "growth"),
               "peer": ("irn",),
               "pipeline": ("overhead", "resume", "prefect-load"),
-              "quality": ("cam-ablation", "refine", "segmenter", "workers"),
+              "quality": ("cam-ablation", "refine", "segmenter", "workers", "precision"),
               "store": ("vs-npy", "s3", "s3-client-cpu")}
 REQUIRED = ("schema", "subject", "benchmark", "variant", "title", "goal", "met", "headline", "goals", "date",
             "commit", "machine", "command", "rows", "notes", "source")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 def time_stage(name: str, cfg, store, plans) -> dict:
     """One stage in this process: a per-image stage through the one per-image lifecycle (PerImageRun, its Worker's
-    build timed apart as setup, run_shard, finish), a training stage through run_planned_stage."""
+    build timed apart as setup, run_shard, finish), a training stage through run_planned_stage. The row has the
+    stage summary's FLOP figures (gflop_per_s, peak_gflop_per_s, flop_utilisation; None where it counts none)."""
     from rca_core.stages.local import run_planned_stage
     from rca_core.stages.runner import PerImageRun, build_worker, run_shard
 
@@ -21,7 +22,7 @@ def time_stage(name: str, cfg, store, plans) -> dict:
         worker = build_worker(name, cfg, store, ctx=run.ctx)
         setup = time.perf_counter() - t0
         man = run.absorb(run_shard(worker, run.ids, listed))
-        run.finish()
+        summary = run.finish()
         per = [r["seconds"] for r in man]
         row = {"stage": name, "kind": "per-image", "images": len(per), "setup_s": round(setup, 1),
                "s_per_img": sum(per) / len(per)}
@@ -31,6 +32,8 @@ def time_stage(name: str, cfg, store, plans) -> dict:
         row = {"stage": name, "kind": "training", "images": steps * summary["global_batch"],
                "setup_s": round(time.perf_counter() - t0 - loop, 1),
                "s_per_img": loop / (steps * summary["global_batch"])}
+    # the stage's own FLOP accounting (rca_core.flops): per worker, against its measured matmul peak
+    row.update({k: summary.get(k) for k in ("gflop_per_s", "peak_gflop_per_s", "flop_utilisation")})
     print(f"[bench] {row}", flush=True)
     return row
 
