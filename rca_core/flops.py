@@ -1,7 +1,8 @@
 """FLOPs of a stage's model calls and the machine's matmul peak: what a stage's achieved GFLOP/s is measured against.
 
 - `counting()`: a context that counts the FLOPs of the torch operations run inside it (torch.utils.flop_counter:
-  convolutions, matmuls, their backward; elementwise work counts zero), in the calling thread and in autograd's.
+  convolutions, matmuls, their backward; elementwise and sparse work count zero), in the calling thread and in
+  autograd's.
   Its overhead is per operation (Python dispatch), not per FLOP: well under 1 % of a ResNet forward at VOC size.
 - `matmul_peak_gflops(device)`: GFLOP/s of the fastest of repeated n x n float32 GEMMs on `device` with this
   process's torch threads, as `torch.mm` and as the same GEMM in a 1x1 channels-last convolution (on CPU oneDNN's
@@ -29,13 +30,25 @@ class FlopCount:
         return self.flops / 1e9
 
 
-@contextlib.contextmanager
-def counting():
-    """Count the FLOPs of the torch operations run in the block."""
+def _dense_counter():
+    """torch's FlopCounterMode, leaving out operations on sparse tensors: its formulas count a sparse x dense
+    product as dense (the random walk's sparse transition matrix read as N x N would count ~100x its work)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    class DenseFlopCounter(FlopCounterMode):
+        def _count_flops(self, func_packet, out, args, kwargs):
+            if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
+                return out
+            return super()._count_flops(func_packet, out, args, kwargs)
+
+    return DenseFlopCounter(display=False)
+
+
+@contextlib.contextmanager
+def counting():
+    """Count the FLOPs of the dense torch operations run in the block (sparse ones count zero)."""
     res = FlopCount()
-    mode = FlopCounterMode(display=False)
+    mode = _dense_counter()
     with mode:
         yield res
     res.flops = float(mode.get_total_flops())

@@ -89,8 +89,14 @@ def test_model_flops_are_counted_on_the_first_images_of_a_shard(tmp_path):
 
 
 def test_flop_utilisation_figures():
+    import torch
+
     from rca_core import flops
 
+    with flops.counting() as c:  # a sparse x dense product counts zero (torch's formula would call it dense)
+        torch.sparse.mm(torch.eye(300).to_sparse(), torch.ones(300, 4))
+        torch.mm(torch.ones(10, 20), torch.ones(20, 30))
+    assert c.flops == 2 * 10 * 20 * 30
     u = flops.utilisation(120.0, 2.0, 100.0)
     assert u == {"gflop": 120.0, "gflop_per_s": 60.0, "peak_gflop_per_s": 100.0, "flop_utilisation": 0.6}
     assert flops.utilisation(0.0, 2.0, 100.0)["flop_utilisation"] is None  # nothing counted: no figure
