@@ -138,15 +138,20 @@ def test_uint8_cams_round_trip_within_half_a_step_and_every_reader_decodes_them(
     assert classes == [1, 4] and got.dtype == np.float32 and np.array_equal(got, decode_cam(q))
 
 
+def cams_of_a_trained_run(data_root, where, monkeypatch):
+    """(config, plans, cam_train output) of a tiny run trained and inferred at `where`, one torch thread."""
+    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+    cfg = tiny(data_root, where)
+    run_stage("cam_infer", cfg, show_progress=False)
+    plans = plan(cfg)
+    return cfg, plans, ArtifactStore(cfg.store).stage("cam_train", plans["cam_train"].fingerprint)
+
+
 def test_cam_infer_starts_from_a_given_checkpoint_without_training(data_root, tmp_path, monkeypatch):
     """cam.checkpoint: another run's cam_train model.pt is passed on untrained; memory_build and cam_infer give
     the CAMs of the run that trained it, under keys of their own (the key hashes the file's content)."""
-    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
-    torch.set_num_threads(1)
-    first = tiny(data_root, tmp_path / "trained")
-    run_stage("cam_infer", first, show_progress=False)
-    fp = plan(first)
-    trained = ArtifactStore(first.store).stage("cam_train", fp["cam_train"].fingerprint)
+    first, fp, trained = cams_of_a_trained_run(data_root, tmp_path / "trained", monkeypatch)
     given = tiny(data_root, tmp_path / "given", checkpoint=trained.file("model.pt").path)
     gp = plan(given)
     assert gp["cam_train"].key != fp["cam_train"].key and gp["cam_infer"].key != fp["cam_infer"].key
@@ -172,12 +177,7 @@ def test_bf16_cam_inference_stays_close_to_fp32_and_reports_its_flops(data_root,
     from rca_core.cam_ops import decode_cam
     from rca_core.device import fast_path
 
-    monkeypatch.setenv("RCA_NO_PROGRESS", "1")
-    torch.set_num_threads(1)
-    first = tiny(data_root, tmp_path / "fp32")
-    run_stage("cam_infer", first, show_progress=False)
-    fp = plan(first)
-    trained = ArtifactStore(first.store).stage("cam_train", fp["cam_train"].fingerprint)
+    first, fp, trained = cams_of_a_trained_run(data_root, tmp_path / "fp32", monkeypatch)
     over = {"store": str(tmp_path / "bf16"), "data": {"root": data_root},
             "compute": {"threads": 1, "precision": "bf16"}, "cam": {"checkpoint": trained.file("model.pt").path}}
     low = load_config(ROOT / "configs" / "tiny.yaml", over)

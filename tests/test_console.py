@@ -204,7 +204,7 @@ def test_summary_line_and_finished_figures():
     assert line == "seg_eval        ran         5.0 s  8/8 images  2.0 images/s  mIoU 0.750"
     assert summary_line("cam_train", "cached", 0.3, {}, None) == "cam_train       cached      0.3 s"
     line = summary_line("cam_infer", "ran", 9.0, {"gflop_per_s": 61.2, "flop_utilisation": 0.48}, None)
-    assert line.endswith("61 GFLOP/s per worker (48% of peak)"), line
+    assert line.endswith("61.2 GFLOP/s per worker (48% of peak)"), line
     assert "GFLOP" not in summary_line("cam_infer", "cached", 0.3, {"gflop_per_s": 61.2}, None)
 
 
