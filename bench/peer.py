@@ -267,9 +267,8 @@ Goals (issue #26): plain <= 1.0x IRN in every stage; rca <= 1.3x in cam_train an
         steps = {"train_cam": n // b * b, "make_cam": n, "cam_to_ir_label": n}
         stage_of = {"train_cam": "cam_train", "make_cam": "cam_infer", "cam_to_ir_label": "crf_labels"}
         for step, images in steps.items():
-            procs = 1
             extra = {"num_workers": 1} if step == "cam_to_ir_label" else {}  # its processes: one
-            s = run_irn_step(irn_src, iw, step, {**common, **extra}, args.threads, procs, weights)
+            s = run_irn_step(irn_src, iw, step, {**common, **extra}, args.threads, 1, weights)  # make_cam: 1 process
             by[("irn", stage_of[step])] = {"side": "irn", "stage": stage_of[step], "irn_step": step,
                                            "images": images, "wall_s": round(s, 1), "s_per_img": s / images}
     stage_sets = {"plain": (plain_cfg, ["cam_train", "cam_infer", "crf_labels"]),

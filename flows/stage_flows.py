@@ -8,7 +8,7 @@ from rca_core.config import RunConfig, check_paths, resolve_paths, stage_weights
 from rca_core.stages.planning import check_active, plan
 from rca_core.stages.registry import STAGE_NAMES
 from rca_core.store import ArtifactStore
-from tasks.cluster_fit import check_cluster_fits
+from tasks.cluster_fit import require_fit
 from tasks.ray_runtime import ray_session
 from tasks.stage_task import cache_key, result_storage_for, run_stage_task
 
@@ -16,9 +16,11 @@ from tasks.stage_task import cache_key, result_storage_for, run_stage_task
 def run_stage_in_flow(name: str, cfg: RunConfig) -> dict:
     """Submit the stage task with the right cache options; returns its pointer + whether it was cached."""
     check_active(name, cfg)  # a stage this config does not run (cam.source picks another CAM source)
-    check_cluster_fits(cfg, [name])  # fail now rather than wait for resources no node has
     out = ArtifactStore.for_config(cfg).stage(name, plan(cfg)[name].fingerprint)
-    opts = dict(task_run_name=name, refresh_cache=not out.is_complete(), result_storage=result_storage_for(cfg))
+    complete = out.is_complete()
+    if not complete:
+        require_fit(cfg, [name])  # fail now rather than wait for resources no node has
+    opts = dict(task_run_name=name, refresh_cache=not complete, result_storage=result_storage_for(cfg))
     state = run_stage_task.with_options(**opts)(name, cfg, cache_key(name, cfg), return_state=True)
     result = state.result()
     # found complete after waiting for another run's lease: nothing computed here, as for a cached stage

@@ -3,7 +3,8 @@
 - `counting()`: a context that counts the FLOPs of the torch operations run inside it (torch.utils.flop_counter:
   convolutions, matmuls, their backward; elementwise and sparse work count zero), in the calling thread and in
   autograd's.
-  Its overhead is per operation (Python dispatch), not per FLOP: well under 1 % of a ResNet forward at VOC size.
+  Its overhead is per operation (Python dispatch), not per FLOP: ~3-5 % of a ResNet-50 forward at VOC size on
+  one CPU thread, so the runner and the training loop count a sample (the first images, the first step).
 - `matmul_peak_gflops(device)`: GFLOP/s of the fastest of repeated n x n float32 GEMMs on `device` with this
   process's torch threads, as `torch.mm` and as the same GEMM in a 1x1 channels-last convolution (on CPU oneDNN's
   convolution kernels can beat torch.mm's BLAS, and the networks run on them); measured once per (device, dtype,
@@ -61,7 +62,8 @@ def _sync(device: torch.device) -> None:
 
 def matmul_peak_gflops(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                        n: int | None = None, seconds: float = 0.25) -> float:
-    """Achieved GFLOP/s of an n x n `torch.mm` in `dtype` on `device` with this process's torch threads (cached)."""
+    """GFLOP/s of the fastest n x n GEMM in `dtype` on `device` with this process's torch threads, as torch.mm or
+    as a 1x1 convolution (cached per device, dtype, threads and n)."""
     device = torch.device(device or "cpu")
     key = (str(device), dtype, torch.get_num_threads(), n)
     if key in _PEAK:

@@ -242,7 +242,8 @@ def _table_rows(history: list[dict]) -> list[dict]:
 def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = None) -> dict:
     """Train (or resume) a stage; returns its summary (`common_summary` + the stage's `summary`).
 
-    `ctx` is the stage's StageContext (device, checkpointer, progress callback, output). `stop_after_epochs`
+    `ctx` is the stage's StageContext (device, checkpointer, progress callback, output, fast path: precision and
+    memory format). `stop_after_epochs`
     ends this call after that many epochs *of this call* (the checkpoint stays, a later call resumes; tests
     use it and it can split work); the final outputs (the stage's files and the "history" table) are written
     only once training is finished: all steps done, or max_seconds spent.
@@ -250,7 +251,7 @@ def fit(stage: TrainingStage, ctx, seed: int, stop_after_epochs: int | None = No
     device = ctx.device
     tu.seed_everything(seed)
     setup = stage.setup()
-    fast = ctx.fast() if hasattr(ctx, "fast") else FastPath(device)
+    fast = ctx.fast()
     model, optimizer = fast.model(setup.model), setup.optimizer  # channels-last in place: the optimizer's params
     ckpt = ctx.checkpointer()
     state = tu.load_checkpoint(ckpt, model, optimizer, map_location=device)

@@ -100,14 +100,18 @@ def misfits(demands: list[Demand], nodes: list[dict]) -> list[Demand]:
 
 
 def check_cluster_fits(cfg: RunConfig, names: list[str]) -> None:
-    """Raise ClusterTooSmall naming each of `names` (those not complete in the store) that asks for more than the
-    connected Ray cluster holds, after waiting up to `ray.resource_wait_s` for nodes to join."""
+    """`require_fit` for those of `names` that are not complete in the store (a complete stage asks for nothing)."""
     store = ArtifactStore.for_config(cfg)
     plans = plan(cfg)
-    todo = [n for n in names if not store.stage(n, plans[n].fingerprint).is_complete()]
-    if not todo:
+    require_fit(cfg, [n for n in names if not store.stage(n, plans[n].fingerprint).is_complete()])
+
+
+def require_fit(cfg: RunConfig, names: list[str]) -> None:
+    """Raise ClusterTooSmall naming each of the stages `names` that asks for more than the connected Ray cluster
+    holds, after waiting up to `ray.resource_wait_s` for nodes to join."""
+    if not names:
         return
-    demands = [stage_demand(n, cfg) for n in todo]
+    demands = [stage_demand(n, cfg) for n in names]
     bad = misfits(demands, _nodes())
     wait = cfg.ray.resource_wait_s
     if bad and wait > 0:
@@ -135,4 +139,4 @@ def check_cluster_fits(cfg: RunConfig, names: list[str]) -> None:
             f"Lower the numbers named above (e.g. --set ray.num_workers=N) or add nodes; these stages were not started (finished ones stay in the store).")
 
 
-__all__ = ["ClusterTooSmall", "Demand", "stage_demand", "capacity", "misfits", "check_cluster_fits"]
+__all__ = ["ClusterTooSmall", "Demand", "stage_demand", "capacity", "misfits", "check_cluster_fits", "require_fit"]

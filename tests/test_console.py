@@ -407,8 +407,8 @@ def test_ray_worker_output_goes_to_the_run_log_and_live_with_verbose(tmp_path, c
     from rca_core.config import RayConfig
     from tasks.ray_runtime import ray_session
 
-    if ray.is_initialized():
-        pytest.skip("another test left Ray running in this process")
+    if ray.is_initialized():  # an earlier test of this process left its Ray running: this test needs its own
+        ray.shutdown()
     path = con.setup(tmp_path / "run.log")
 
     @ray.remote

@@ -71,6 +71,11 @@ class Ctx:
     def checkpointer(self):
         return tu.FileCheckpointer(self.path)
 
+    def fast(self):
+        from rca_core.device import FastPath
+
+        return FastPath(self.device)
+
 
 def _no_seconds(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

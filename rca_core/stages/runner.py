@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 from rca_core import flops, object_io
 from rca_core.config import RunConfig
-from rca_core.device import FastPath
 from rca_core.store import ArtifactStore, StageOutput
 
 from .context import StageContext, make_context
@@ -62,8 +61,9 @@ def run_shard(worker: Any, ids: list[str], maybe_done: set[str] | None = None, *
     rows = process_images(worker, ids, show_progress=show_progress, on_done=on_done, out=worker.ctx.out,
                           maybe_done=maybe_done, lookahead=lookahead, io_threads=io_threads)
     # this worker's matmul peak (its device and threads; measured once per process), where it ran model FLOPs
-    peak = flops.matmul_peak_gflops(worker.ctx.device) if any(r.get("gflop") for r in rows) else None
-    fast = worker.fast if isinstance(getattr(worker, "fast", None), FastPath) else None  # a stage with networks
+    ran_networks = any(r.get("gflop") for r in rows)
+    peak = flops.matmul_peak_gflops(worker.ctx.device) if ran_networks else None
+    fast = worker.ctx.fast() if ran_networks else None  # the precision and memory format its networks ran in
     return {"rows": rows, "partial": worker.partial() if hasattr(worker, "partial") else None, "peak_gflops": peak,
             "fast": {"compute_precision": fast.precision, "channels_last": fast.channels_last} if fast else None}
 
